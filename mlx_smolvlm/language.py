@@ -1,0 +1,119 @@
+"""The Llama (SmolLM2) decoder, with transformers' module names."""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import TextConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        D, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=bias)
+        # transformers' Llama rotates halves (rotate_half), MLX's non-traditional layout.
+        self.rope = nn.RoPE(self.head_dim, traditional=False, base=cfg.rope_theta)
+
+    def __call__(self, x, mask=None, cache=None):
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q = self.rope(q, offset=offset)
+        k = self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        D, H, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(D, H, bias=bias)
+        self.up_proj = nn.Linear(D, H, bias=bias)
+        self.down_proj = nn.Linear(H, D, bias=bias)
+
+    def __call__(self, x):
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def __call__(self, x, mask=None, cache=None):
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LanguageModel(nn.Module):
+    """transformers' LlamaModel: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def __call__(self, inputs=None, cache=None, input_embeddings=None):
+        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        # One new token attends to everything cached; a longer chunk needs causality.
+        mask = "causal" if h.shape[1] > 1 else None
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, c)
+        return self.norm(h)
+
+
+def lm_logits(text_model: LanguageModel, lm_head, h: mx.array) -> mx.array:
+    """Project hidden states to the vocabulary, through the tied embedding if no head."""
+    if lm_head is None:
+        return text_model.embed_tokens.as_linear(h)
+    return lm_head(h)
+
+
+class TextModel(nn.Module):
+    """transformers' LlamaForCausalLM: a decoder on its own (e.g. SmolLM2 from a GGUF)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LanguageModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def get_input_embeddings(self, input_ids, pixel_values=None, pixel_attention_mask=None):
+        if pixel_values is not None:
+            raise ValueError("this is a text-only model: it cannot take images")
+        return self.model.embed_tokens(input_ids)
+
+    def __call__(self, input_ids=None, cache=None, input_embeddings=None):
+        h = self.model(input_ids, cache, input_embeddings)
+        return lm_logits(self.model, self.get("lm_head"), h)
+
+    def sanitize(self, weights: dict) -> dict:
+        return {
+            k: v
+            for k, v in weights.items()
+            if "rotary_emb.inv_freq" not in k
+            and not (k == "lm_head.weight" and self.config.tie_word_embeddings)
+        }

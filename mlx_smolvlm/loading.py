@@ -1,0 +1,137 @@
+"""Find a checkpoint (folder or Hub repo), read its config and weights, build the model."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ConfigError, ModelConfig
+from .model import Model
+
+# What a SmolVLM checkpoint needs from the Hub; nothing else is downloaded.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def get_model_path(path_or_repo: str, revision: str | None = None) -> Path:
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir() and path.suffix != ".gguf":
+            raise CheckpointError(f"{path} is not a model folder")
+        return path
+    if path_or_repo.count("/") != 1 or path_or_repo.startswith((".", "/", "~")):
+        raise CheckpointError(f"{path_or_repo}: no such model folder (and not a Hub repo id)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=HUB_PATTERNS))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise CheckpointError(
+            f"could not download {path_or_repo} from the Hugging Face Hub ({type(e).__name__}); "
+            "without Hub access, pass --model a local folder holding config.json and *.safetensors"
+        ) from None
+
+
+def load_config(path: Path) -> dict:
+    f = path / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{path} has no config.json: not a model folder")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f} is not valid JSON: {e}") from None
+
+
+def load_safetensors(path: Path) -> dict:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{path} is missing weight shard(s): {', '.join(missing)}")
+        files = [path / s for s in shards]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} has no *.safetensors weights")
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:  # mx.load raises bare RuntimeErrors on damaged files
+            raise CheckpointError(f"cannot read weights from {f}: {e}") from None
+    return weights
+
+
+def apply_quantization(model: nn.Module, quantization: dict, weights: dict):
+    """Quantize the layers the checkpoint stores quantized, as its config describes."""
+
+    def predicate(p, m):
+        if p in quantization:
+            return quantization[p]
+        if not hasattr(m, "to_quantized"):
+            return False
+        return f"{p}.scales" in weights
+
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def load_weights_strict(model: nn.Module, weights: dict):
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        lines = []
+        if missing:
+            lines.append(f"missing {len(missing)}: {', '.join(missing[:8])}")
+        if unexpected:
+            lines.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:8])}")
+        raise CheckpointError("checkpoint does not fit the model config; " + "; ".join(lines))
+    bad = [k for k, v in weights.items() if v.shape != expected[k].shape]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(
+            f"checkpoint does not fit the model config: {k} has shape {weights[k].shape}, "
+            f"config says {expected[k].shape} ({len(bad)} mismatched)"
+        )
+    model.load_weights(list(weights.items()))
+
+
+def cast_floats(model: nn.Module, dtype: mx.Dtype):
+    # Quantized weights are integers and stay; scales and biases follow the dtype.
+    params = tree_flatten(model.parameters())
+    model.load_weights(
+        [(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in params]
+    )
+
+
+def load_model(path_or_repo: str | Path, dtype: mx.Dtype | None = None, lazy: bool = False) -> Model:
+    path = get_model_path(str(path_or_repo))
+    raw = load_config(path)
+    try:
+        config = ModelConfig.from_dict(raw)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}/config.json: {e}") from None
+    model = Model(config)
+    weights = model.sanitize(load_safetensors(path))
+    if config.quantization:
+        apply_quantization(model, config.quantization, weights)
+    load_weights_strict(model, weights)
+    if dtype is not None:
+        cast_floats(model, dtype)
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model

@@ -1,0 +1,116 @@
+"""SmolVLM / Idefics3: vision tower -> connector -> image features merged into the decoder."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .config import ModelConfig
+from .connector import Connector
+from .language import LanguageModel, lm_logits
+from .vision import VisionModel, patch_attention_mask
+
+
+class SmolVLMModel(nn.Module):
+    """transformers' SmolVLMModel / Idefics3Model (the `model.` prefix of the checkpoint)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.vision_model = VisionModel(cfg.vision_config)
+        self.connector = Connector(cfg)
+        self.text_model = LanguageModel(cfg.text_config)
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = SmolVLMModel(config)
+        if not config.tie_word_embeddings:
+            t = config.text_config
+            self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+
+    @property
+    def layers(self):
+        return self.model.text_model.layers
+
+    def get_image_features(self, pixel_values: mx.array, patch_mask: mx.array) -> mx.array:
+        """(N, H, W, C) real images -> (N, image_seq_len, text hidden)."""
+        dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
+        h = self.model.vision_model(pixel_values.astype(dtype), patch_mask)
+        return self.model.connector(h)
+
+    def get_input_embeddings(
+        self,
+        input_ids: mx.array,
+        pixel_values: mx.array | None = None,
+        pixel_attention_mask: mx.array | None = None,
+    ) -> mx.array:
+        """Token embeddings with image features written over the `<image>` positions.
+
+        `pixel_values` is (B, N, C, H, W) and `pixel_attention_mask` (B, N, H, W), the
+        processor's (and transformers') layout. Called once per prompt, never per token.
+        """
+        embeds = self.model.text_model.embed_tokens(input_ids)
+        if pixel_values is None:
+            return embeds
+        B, N, C, H, W = pixel_values.shape
+        pixels = pixel_values.reshape(B * N, C, H, W)
+        if pixel_attention_mask is None:
+            pixel_attention_mask = mx.ones((B * N, H, W), dtype=mx.bool_)
+        pam = pixel_attention_mask.reshape(B * N, H, W).astype(mx.bool_)
+
+        # The one host read per prompt, on inputs that already exist and before the
+        # vision tower runs: which images are batch padding (all zeros, dropped as the
+        # reference drops them) and whether the prompt has a token for every feature row.
+        is_image = input_ids == self.config.image_token_id
+        real, n_tokens = np.array((pixels != 0).any(axis=(1, 2, 3))), is_image.sum().item()
+        real_idx = np.flatnonzero(real)
+        n_rows = len(real_idx) * self.config.image_seq_len
+        if n_tokens != n_rows:
+            raise ValueError(
+                f"input_ids hold {n_tokens} image tokens but the {len(real_idx)} image(s) give "
+                f"{n_rows} feature rows ({self.config.image_seq_len} per image): the prompt and "
+                "the pixel values do not belong together"
+            )
+        if n_rows == 0:
+            return embeds
+
+        idx = mx.array(real_idx)
+        patch_mask = patch_attention_mask(pam[idx], self.config.vision_config.patch_size)
+        feats = self.get_image_features(pixels[idx].transpose(0, 2, 3, 1), patch_mask)
+        feats = feats.reshape(-1, feats.shape[-1]).astype(embeds.dtype)
+        # k-th image token (row-major over the batch) takes the k-th feature row.
+        flat = is_image.reshape(-1)
+        rows = mx.maximum(mx.cumsum(flat.astype(mx.int32)) - 1, 0)
+        merged = mx.where(flat[:, None], feats[rows], embeds.reshape(B * embeds.shape[1], -1))
+        return merged.reshape(embeds.shape)
+
+    def __call__(
+        self,
+        input_ids: mx.array | None = None,
+        pixel_values: mx.array | None = None,
+        pixel_attention_mask: mx.array | None = None,
+        cache=None,
+        input_embeddings: mx.array | None = None,
+    ) -> mx.array:
+        if input_embeddings is None and pixel_values is not None:
+            input_embeddings = self.get_input_embeddings(input_ids, pixel_values, pixel_attention_mask)
+        h = self.model.text_model(input_ids, cache, input_embeddings)
+        return lm_logits(self.model.text_model, self.get("lm_head"), h)
+
+    def sanitize(self, weights: dict) -> dict:
+        """Hugging Face (or already converted) weights -> this module's. Idempotent."""
+        v_cfg = self.config.vision_config
+        torch_conv = (v_cfg.num_channels, v_cfg.patch_size, v_cfg.patch_size)
+        out = {}
+        for k, v in weights.items():
+            if "rotary_emb.inv_freq" in k:
+                continue
+            if k == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            if k.endswith("patch_embedding.weight") and tuple(v.shape[1:]) == torch_conv:
+                # PyTorch conv weights are (out, in, kH, kW); MLX wants (out, kH, kW, in).
+                # The config fixes both shapes, so the test is exact, not a guess.
+                v = v.transpose(0, 2, 3, 1)
+            out[k] = v
+        return out
