@@ -51,7 +51,7 @@ class Tokenizer:
             eos = self.special_tokens.get("eos_token")
             eos_token_ids = [] if eos is None else [self.convert_tokens_to_ids(eos)]
         self.eos_token_ids = {int(i) for i in eos_token_ids if i is not None}
-        self._template = None
+        self._templates = {}
 
     def __getattr__(self, name):
         # `tok.image_token`, `tok.eos_token`... as transformers' tokenizers expose them
@@ -93,13 +93,14 @@ class Tokenizer:
             return self.backend.token_to_id(tokens)
         return [self.backend.token_to_id(t) for t in tokens]
 
-    def apply_chat_template(self, messages, add_generation_prompt=False, **kwargs):
-        """Render `messages` with the checkpoint's own Jinja chat template."""
-        if self.chat_template is None:
+    def apply_chat_template(self, messages, add_generation_prompt=False, chat_template=None, **kwargs):
+        """Render `messages` with the checkpoint's own Jinja chat template (or `chat_template`)."""
+        source = chat_template or self.chat_template
+        if source is None:
             raise TokenizerError("this tokenizer has no chat template")
-        if self._template is None:
-            self._template = _template_env().from_string(self.chat_template)
-        return self._template.render(
+        if source not in self._templates:
+            self._templates[source] = _template_env().from_string(source)
+        return self._templates[source].render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             **{**self.special_tokens, **kwargs},
@@ -141,7 +142,7 @@ def load_tokenizer(path):
         config = _read_json(path / "tokenizer_config.json")
     special = {}
     for name, value in config.items():
-        if name.endswith("_token") and _token_content(value) is not None:
+        if name.endswith("_token") and isinstance(_token_content(value), str):
             special[name] = _token_content(value)
     for name, value in (config.get("extra_special_tokens") or {}).items():
         special[name] = _token_content(value)
