@@ -52,6 +52,7 @@ class Preflight:
 
     images: list  # ImagePlan per image
     image_seq_len: int
+    prompt_tokens: list  # tokens each expanded placeholder adds to the prompt
 
     @property
     def tiles(self):
@@ -72,12 +73,16 @@ class Preflight:
     def __str__(self):
         lines = [
             f"image {i}: {p.width}x{p.height} -> {p.rows}x{p.cols} tiles + global = "
-            f"{p.num_tiles} tiles, {n} image tokens"
+            f"{p.num_tiles} tiles, {n} image tokens ({t} prompt tokens)"
             if p.rows
-            else f"image {i}: {p.width}x{p.height} -> 1 tile (unsplit), {n} image tokens"
-            for i, (p, n) in enumerate(zip(self.images, self.image_tokens))
+            else f"image {i}: {p.width}x{p.height} -> 1 tile (unsplit), {n} image tokens "
+            f"({t} prompt tokens)"
+            for i, (p, n, t) in enumerate(zip(self.images, self.image_tokens, self.prompt_tokens))
         ]
-        lines.append(f"total: {self.total_tiles} tiles, {self.total_image_tokens} image tokens")
+        lines.append(
+            f"total: {self.total_tiles} tiles, {self.total_image_tokens} image tokens "
+            f"({sum(self.prompt_tokens)} prompt tokens)"
+        )
         return "\n".join(lines)
 
 
@@ -151,7 +156,11 @@ class Processor:
         plans = [
             self.image_processor.plan(*_upright_size(s, self.timeout), **controls) for s in sources
         ]
-        return Preflight(plans, self.image_seq_len)
+        lengths = [len(self.tokenizer.encode(self._image_prompt(p))) for p in plans]
+        return Preflight(plans, self.image_seq_len, lengths)
+
+    def _image_prompt(self, plan):
+        return image_prompt(plan.rows, plan.cols, self.image_seq_len, **self.image_tokens)
 
     def __call__(self, messages, images=None, add_generation_prompt=True, **controls):
         """Model inputs as numpy arrays (batch of 1): input_ids, attention_mask and, with images,
@@ -166,10 +175,7 @@ class Processor:
             pieces = prompt.split(self.image_token)
             expanded = [pieces[0]]
             for plan, piece in zip(plans, pieces[1:]):
-                expanded.append(
-                    image_prompt(plan.rows, plan.cols, self.image_seq_len, **self.image_tokens)
-                )
-                expanded.append(piece)
+                expanded += [self._image_prompt(plan), piece]
             prompt = "".join(expanded)
             out = {"pixel_values": pixel_values, "pixel_attention_mask": mask}
         # chat-template output already holds its special tokens, as transformers assumes
