@@ -45,13 +45,19 @@ def _read_bytes(source, timeout):
         except Exception:
             raise ImageError(f"image {_name(source)}: invalid base64 data URI") from None
     path = Path(source)
-    if not path.is_file():
-        raise ImageError(f"image {_name(source)}: no such file")
-    return path.read_bytes()
+    if path.is_file():
+        return path.read_bytes()
+    if len(text) > 256:
+        # transformers' load_image also takes a bare base64 string
+        try:
+            return base64.b64decode(text, validate=True)
+        except ValueError:
+            pass
+    raise ImageError(f"image {_name(source)}: no such file")
 
 
 def load_image(source, timeout=URL_TIMEOUT):
-    """Open an image from a path, an http(s) URL, a data URI or a PIL image.
+    """Open an image from a path, an http(s) URL, a base64 string or data URI, or a PIL image.
 
     Sources given by name are decoded as transformers' `load_image` does: EXIF orientation
     applied, then `convert("RGB")` (alpha dropped, not composited). PIL images are returned

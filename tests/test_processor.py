@@ -7,9 +7,11 @@ in full (run-length coded), pixel_values as a sha256 of the float32 bytes plus p
 means, so a mismatch shows where it is.
 """
 
+import base64
 import hashlib
 import http.server
 import json
+import os
 import socket
 import sys
 import threading
@@ -103,6 +105,9 @@ CASES = {
         user(rgb(80, 60, 7), text="What is this?"),
         {"role": "assistant", "content": [{"type": "text", "text": "Noise, 2 colors."}]},
         user(rgb(50, 120, 11), text="And this one?")], {}),
+    "base64-and-url-keys": ("small-tiles", lambda d: [{"role": "user", "content": [
+        {"type": "image", "base64": base64.b64encode(Path(palette_png(d)).read_bytes()).decode()},
+        {"type": "image", "url": exif_jpeg(d)}, {"type": "text", "text": "Same?"}]}], {}),
     "no-split": ("smolvlm-256m", lambda d: [user(rgb(1920, 1080))],
                  {"do_image_splitting": False}),
     "text-only": ("smolvlm-256m", lambda d: [{"role": "user", "content": [
@@ -175,6 +180,8 @@ def summarize(out):
 
 
 def has_transformers():
+    if os.environ.get("MLX_SMOLVLM_GOLDEN"):  # force the no-torch path: compare with golden.json
+        return False
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -394,8 +401,8 @@ def write_golden():
             if setup not in refs:
                 folder = write_processor_folder(Path(tmp) / setup, **SETUPS[setup])
                 refs[setup] = reference_processor(folder, SETUPS[setup]["layout"])
-            work = Path(tmp) / name
-            work.mkdir()
+            work = Path(tmp) / "cases" / name
+            work.mkdir(parents=True)
             golden[name] = summarize(run_reference(refs[setup], build(work), controls))
     GOLDEN.parent.mkdir(parents=True, exist_ok=True)
     GOLDEN.write_text(json.dumps(golden, separators=(",", ":")))
