@@ -1,14 +1,14 @@
 """SmolVLM / Idefics3 processor: chat template, image placeholders expanded into the exact
 reference token layout, tokenization and pixels. No torch or transformers at run time."""
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .image_processing import URL_TIMEOUT, ImageError, ImageProcessor, load_image
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer, read_json
 
 # transformers' defaults when the tokenizer or processor config does not name them
 DEFAULT_IMAGE_SEQ_LEN = 169
@@ -88,8 +88,6 @@ class Preflight:
 
 def _upright_size(source, timeout):
     # Header-only read; EXIF orientations 5-8 swap width and height, as exif_transpose does
-    from PIL import Image
-
     if isinstance(source, Image.Image):
         return source.height, source.width
     if not Path(str(source)).is_file():
@@ -184,10 +182,6 @@ class Processor:
         return {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids), **out}
 
 
-def _read_json(path):
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def load_processor(path, timeout=URL_TIMEOUT):
     """Load the processor of a checkpoint folder (tokenizer files plus, for a VLM,
     preprocessor_config.json and processor_config.json)."""
@@ -195,9 +189,9 @@ def load_processor(path, timeout=URL_TIMEOUT):
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
     tokenizer = load_tokenizer(path)
-    image_config = _read_json(path / "preprocessor_config.json")
+    image_config = read_json(path / "preprocessor_config.json")
     image_processor = ImageProcessor.from_dict(image_config) if image_config else None
-    proc_config = _read_json(path / "processor_config.json")
+    proc_config = read_json(path / "processor_config.json")
     image_seq_len = proc_config.get("image_seq_len", image_config.get("image_seq_len"))
     return Processor(
         tokenizer,

@@ -107,9 +107,13 @@ class Tokenizer:
         )
 
 
-def _read_json(path):
+def read_json(path):
+    """A checkpoint JSON file as a dict; {} when the file is absent."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
 
@@ -125,10 +129,8 @@ def read_chat_template(path):
     if (path / "chat_template.jinja").is_file():
         return (path / "chat_template.jinja").read_text()
     if (path / "chat_template.json").is_file():
-        return _read_json(path / "chat_template.json").get("chat_template")
-    if (path / "tokenizer_config.json").is_file():
-        return _read_json(path / "tokenizer_config.json").get("chat_template")
-    return None
+        return read_json(path / "chat_template.json").get("chat_template")
+    return read_json(path / "tokenizer_config.json").get("chat_template")
 
 
 def load_tokenizer(path):
@@ -137,9 +139,7 @@ def load_tokenizer(path):
     if not (path / "tokenizer.json").is_file():
         raise TokenizerError(f"{path}: no tokenizer.json")
     backend = _Backend.from_file(str(path / "tokenizer.json"))
-    config = {}
-    if (path / "tokenizer_config.json").is_file():
-        config = _read_json(path / "tokenizer_config.json")
+    config = read_json(path / "tokenizer_config.json")
     special = {}
     for name, value in config.items():
         if name.endswith("_token") and isinstance(_token_content(value), str):
@@ -150,9 +150,8 @@ def load_tokenizer(path):
     eos_ids = set()
     if special.get("eos_token") is not None:
         eos_ids.add(backend.token_to_id(special["eos_token"]))
-    if (path / "generation_config.json").is_file():
-        eos = _read_json(path / "generation_config.json").get("eos_token_id")
-        eos_ids.update(eos if isinstance(eos, list) else [eos])
+    eos = read_json(path / "generation_config.json").get("eos_token_id")
+    eos_ids.update(eos if isinstance(eos, list) else [eos])
     return Tokenizer(backend, read_chat_template(path), special, eos_ids)
 
 

@@ -256,6 +256,36 @@ def test_token_ids_match_real_checkpoints(processor_folder):
     assert len(v1.encode("<row_1_col_1>")) > 1
 
 
+TEXTS = ["Hello, world! What's up?<|im_end|>\n  indented  code\tx", "Café naïve 你好 😀",
+         "<|im_start|>user\nhi<|im_end|>\n", "  leading and trailing  \n\n"]
+
+
+def test_gguf_tokenizer():
+    """SmolLM2 from the GGUF: same ids and chat template as transformers' own GGUF loader.
+    transformers' loader has no rule for llama.cpp's `smollm` pre-tokenizer (single digits, as
+    in SmolLM2's tokenizer.json), so digits are checked separately."""
+    from mlx_smolvlm.tokenizer import Tokenizer
+    from make_tokenizer import default_gguf
+
+    tok = Tokenizer.from_gguf(default_gguf())
+    assert tok.eos_token_ids == {2} and tok.special_tokens["bos_token"] == "<|im_start|>"
+    assert tok.convert_ids_to_tokens(tok.encode("year 2024")) == ["year", "Ġ", "2", "0", "2", "4"]
+    for text in TEXTS:
+        assert tok.decode(tok.encode(text)) == text
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return
+    path = default_gguf()
+    ref = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in TEXTS:
+        assert ref.encode(text, add_special_tokens=False) == tok.encode(text)
+    for gen in (False, True):
+        assert ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen) == \
+            tok.apply_chat_template(messages, add_generation_prompt=gen)
+
+
 def test_tiny_checkpoint_folder(processor_folder):
     """The layout tiny random checkpoints use: vocab 512, <image> = 300, 36 px tiles, 9 tokens."""
     proc = load_processor(processor_folder(layout="smolvlm", tile=36, image_seq_len=9,
