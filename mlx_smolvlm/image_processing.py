@@ -76,16 +76,15 @@ def load_image(source, timeout=URL_TIMEOUT):
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise ImageError(f"image {_name(source)}: truncated or corrupt ({e})") from None
     else:
-        raise ImageError(
-            f"image {_name(source)}: expected a path, a URL or a PIL image, got {type(source).__name__}"
-        )
+        kind = type(source).__name__
+        raise ImageError(f"image {_name(source)}: expected a path, URL or PIL image, got {kind}")
     if image.width == 0 or image.height == 0:
         raise ImageError(f"image {_name(source)}: zero-size image ({image.width}x{image.height})")
     return image
 
 
 def to_rgb(image):
-    """uint8 (H, W, 3) array; transparency is composited onto white (transformers' convert_to_rgb)."""
+    """RGB PIL image; transparency is composited onto white (transformers' convert_to_rgb)."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         image = image.convert("RGBA")
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))

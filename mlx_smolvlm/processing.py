@@ -21,7 +21,7 @@ IMAGE_KEYS = ("image", "url", "path", "base64")
 
 
 def image_prompt(rows, cols, image_seq_len, image_token, fake_image_token, global_image_token):
-    """The text one `<image>` becomes for an image split into `rows` x `cols` tiles (0 x 0: unsplit)."""
+    """The text one `<image>` becomes for an image in `rows` x `cols` tiles (0 x 0: unsplit)."""
     image = image_token * image_seq_len
     glob = f"{fake_image_token}{global_image_token}{image}{fake_image_token}"
     if rows == 0 and cols == 0:
@@ -112,9 +112,8 @@ class Processor:
         self.image_processor = image_processor
         self.image_seq_len = image_seq_len
         self.timeout = timeout
-        self.image_tokens = {
-            name: tokenizer.special_tokens.get(name, default) for name, default in IMAGE_TOKENS.items()
-        }
+        special = tokenizer.special_tokens
+        self.image_tokens = {name: special.get(name, tok) for name, tok in IMAGE_TOKENS.items()}
         self.image_token = self.image_tokens["image_token"]
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
 

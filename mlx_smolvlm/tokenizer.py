@@ -93,7 +93,9 @@ class Tokenizer:
             return self.backend.token_to_id(tokens)
         return [self.backend.token_to_id(t) for t in tokens]
 
-    def apply_chat_template(self, messages, add_generation_prompt=False, chat_template=None, **kwargs):
+    def apply_chat_template(
+        self, messages, add_generation_prompt=False, chat_template=None, **kwargs
+    ):
         """Render `messages` with the checkpoint's own Jinja chat template (or `chat_template`)."""
         source = chat_template or self.chat_template
         if source is None:
@@ -124,7 +126,7 @@ def _token_content(value):
 
 
 def read_chat_template(path):
-    """The chat template of a folder: chat_template.jinja, chat_template.json or tokenizer_config."""
+    """A folder's chat template: chat_template.jinja, chat_template.json or tokenizer_config."""
     path = Path(path)
     if (path / "chat_template.jinja").is_file():
         return (path / "chat_template.jinja").read_text()
@@ -213,9 +215,8 @@ def tokenizer_from_gguf(path):
     if md.get("tokenizer.ggml.pre") not in ("smollm", None):
         # other byte-level vocabularies: GPT-2's regex alone
         split = []
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        split + [pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)]
-    )
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(split + [byte_level])
     backend.post_processor = processors.ByteLevel(
         add_prefix_space=True, trim_offsets=False, use_regex=True
     )

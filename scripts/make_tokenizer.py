@@ -87,7 +87,8 @@ def build_tokenizer(layout="smolvlm", vocab_size=None, image_token_id=None, gguf
     for token, token_id in sorted(added.items(), key=lambda kv: kv[1]):
         tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)])
         if tokenizer.token_to_id(token) != token_id:
-            raise AssertionError(f"{token} got id {tokenizer.token_to_id(token)}, expected {token_id}")
+            got = tokenizer.token_to_id(token)
+            raise AssertionError(f"{token} got id {got}, expected {token_id}")
     return tokenizer
 
 
