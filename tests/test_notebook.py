@@ -1,4 +1,7 @@
-"""examples/explore_smolvlm.ipynb runs top to bottom offline and is committed without outputs."""
+"""examples/explore_smolvlm.ipynb runs top to bottom offline and is committed without outputs.
+
+Refresh the README figures with `SMOLVLM_FIGURES=examples/figures python -m pytest tests/test_notebook.py`.
+"""
 
 import json
 import os
@@ -8,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "examples" / "explore_smolvlm.ipynb"
 FIGURES = ["frames", "quantization", "similarity", "tiles", "token_budget", "topk"]
-# Per cell; the slowest (three SmolLM2 answers) takes ~35 s on a busy 2-core CPU.
+# Per cell; the slowest (two SmolLM2 answers) takes 20-35 s on a busy 2-core CPU.
 CELL_TIMEOUT = 240
 
 
@@ -27,21 +30,26 @@ def test_notebook_runs(tmp_path, monkeypatch):
         import nbformat
         from nbclient import NotebookClient
     except ImportError as e:
-        raise AssertionError(f"the notebook test needs the notebook extra: pip install -e '.[notebook]' ({e})")
+        raise AssertionError(f"pip install -e '.[notebook]' to run the notebook ({e})") from None
 
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("SMOLVLM_FIGURES", str(tmp_path))
+    figures = Path(os.environ.get("SMOLVLM_FIGURES") or tmp_path).resolve()
+    monkeypatch.setenv("SMOLVLM_FIGURES", str(figures))
     # The kernel imports this checkout's mlx_smolvlm, whatever is installed.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    path = [str(ROOT), os.environ.get("PYTHONPATH")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, path)))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(
-        nb, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "examples")}}
+        nb,
+        timeout=CELL_TIMEOUT,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(ROOT / "examples")}},  # the notebook's own folder
     )
     tic = time.perf_counter()
     client.execute()  # raises CellExecutionError, naming the cell, on any error
     print(f"\nnotebook ran in {time.perf_counter() - tic:.1f} s")
 
-    assert sorted(p.stem for p in tmp_path.glob("*.png")) == FIGURES
+    assert sorted(p.stem for p in figures.glob("*.png")) == FIGURES
     text = "".join(
         o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
     )
