@@ -1,6 +1,7 @@
 """examples/explore_smolvlm.ipynb runs top to bottom offline and is committed without outputs.
 
-Refresh the README figures with `SMOLVLM_FIGURES=examples/figures python -m pytest tests/test_notebook.py`.
+Refresh the README figures with
+    SMOLVLM_FIGURES=examples/figures python -m pytest tests/test_notebook.py
 """
 
 import json
