@@ -4,6 +4,7 @@
 """
 
 import argparse
+import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -45,27 +46,59 @@ def text_config(model):
 
 
 class PromptCache:
-    """A KV cache that remembers its tokens, so a later chat turn prefills only what is new."""
+    """A KV cache that remembers what it holds (tokens and image tiles), so a later chat
+    turn prefills only what follows the part it shares with the cache."""
 
     def __init__(self, model):
         self.layers = make_prompt_cache(model)
         self.tokens: list[int] = []
+        self.tiles: list[bytes] = []  # digests of the cached image tiles, in prompt order
+        self.image_token_id = getattr(model.config, "image_token_id", None)
+        self.image_seq_len = getattr(model.config, "image_seq_len", 1)
 
     @property
     def offset(self) -> int:
         return self.layers[0].offset
 
-    def common_prefix(self, ids: list[int]) -> int:
+    def tiles_in(self, ids: list[int]) -> int:
+        # Each tile's features fill `image_seq_len` consecutive `<image>` tokens, in order.
+        return ids.count(self.image_token_id) // self.image_seq_len
+
+    def reusable_prefix(self, ids: list[int], tiles: list[bytes]) -> int:
+        """Length of the cached prefix of `ids` whose image tiles are also the same pixels."""
         # At most all but one token: the last one must run to give the next token's logits.
         n, limit = 0, min(len(self.tokens), len(ids) - 1)
         while n < limit and self.tokens[n] == ids[n]:
             n += 1
+        same = 0
+        while same < min(len(tiles), len(self.tiles)) and tiles[same] == self.tiles[same]:
+            same += 1
+        image_pos = [i for i in range(n) if ids[i] == self.image_token_id]
+        if len(image_pos) > same * self.image_seq_len:
+            # Equal ids, other pixels (or a tile cut in two): stop before that tile.
+            n = image_pos[same * self.image_seq_len]
         return n
 
     def trim_to(self, n: int):
         for c in self.layers:
             c.trim(c.offset - n)
         self.tokens = self.tokens[:n]
+        self.tiles = self.tiles[: self.tiles_in(self.tokens)]
+
+    def record(self, ids: list[int], generated: list[int], tiles: list[bytes]):
+        # The layers hold the prompt and every token fed back so far (one step runs ahead).
+        self.tokens = (ids + generated)[: self.offset]
+        self.tiles = tiles[: self.tiles_in(ids[: self.offset])]
+
+
+def tile_digests(inputs: dict) -> list[bytes]:
+    pv, pam = inputs.get("pixel_values"), inputs.get("pixel_attention_mask")
+    if pv is None:
+        return []
+    return [
+        hashlib.sha1(pv[0, i].tobytes() + (b"" if pam is None else pam[0, i].tobytes())).digest()
+        for i in range(pv.shape[1])
+    ]
 
 
 def generate_step(
@@ -156,26 +189,6 @@ def check_length(model, n_prompt: int, max_tokens: int):
         )
 
 
-def uncached_pixels(model, inputs: dict, ids: list[int], start: int):
-    """Pixels of the tiles whose `<image>` tokens come after the cached `start` tokens.
-
-    Each tile gives `image_seq_len` tokens, in order. Returns None if a tile straddles
-    `start` (the cache must then be rebuilt) and () if no new tile remains.
-    """
-    if "pixel_values" not in inputs:
-        return ()
-    cfg = model.config
-    cached = ids[:start].count(cfg.image_token_id)
-    if cached % cfg.image_seq_len:
-        return None
-    k = cached // cfg.image_seq_len
-    pv = inputs["pixel_values"][:, k:]
-    if pv.shape[1] == 0:
-        return ()
-    pam = inputs.get("pixel_attention_mask")
-    return mx.array(pv), None if pam is None else mx.array(pam[:, k:])
-
-
 def _held_back(text: str, stop: list[str]) -> int:
     """Length of the longest end of `text` that could be the start of a stop string."""
     for k in range(min(len(text), max(map(len, stop)) - 1), 0, -1):
@@ -208,11 +221,14 @@ def stream_generate(
     ids = np.asarray(inputs["input_ids"])[0].tolist()
     check_length(model, len(ids), max_tokens)
     cache = prompt_cache if prompt_cache is not None else PromptCache(model)
-    start = cache.common_prefix(ids)
-    pixels = uncached_pixels(model, inputs, ids, start)
-    if pixels is None:
-        start, pixels = 0, uncached_pixels(model, inputs, ids, 0)
+    tiles = tile_digests(inputs)
+    start = cache.reusable_prefix(ids, tiles)
     cache.trim_to(start)
+    k = cache.tiles_in(ids[:start])
+    pixels = None
+    if len(tiles) > k:
+        pam = inputs.get("pixel_attention_mask")
+        pixels = (mx.array(inputs["pixel_values"][:, k:]), None if pam is None else mx.array(pam[:, k:]))
 
     tokenizer = processor.tokenizer
     eos = tokenizer.eos_token_ids
@@ -274,8 +290,7 @@ def stream_generate(
             if finish:
                 break
     finally:
-        # The cache holds the prompt and every token fed back so far (one step runs ahead).
-        cache.tokens = (ids + generated)[: cache.offset]
+        cache.record(ids, generated, tiles)
 
 
 def generate(model, processor, prompt, images=None, verbose: bool = False, **kwargs) -> str:
