@@ -427,7 +427,7 @@ def dry_run(args, controls) -> str:
     lines += [
         f"prompt: {n_prompt} tokens + up to {args.max_tokens} new = {n_prompt + args.max_tokens} "
         f"of {limit} context",
-        f"predicted peak memory: {peak:.2f} GB (weights {weight_bytes / 1e9:.2f} GB)",
+        f"predicted peak memory: {peak:.3f} GB (weights {weight_bytes / 1e9:.3f} GB)",
     ]
     if n_prompt + args.max_tokens > limit:
         raise ValueError(lines[-2] + ": beyond the context length")

@@ -127,36 +127,75 @@ def hf_tiny_generations(folder: Path, images: dict, eos: list[int]) -> dict:
     return out
 
 
-def gguf_reference_model():
-    """transformers' LlamaForCausalLM with the GGUF's weights dequantized to float32, by
-    transformers' own GGUF reader, and the config that reader produced."""
+def llama_config(config):
+    """transformers' LlamaConfig for our TextConfig."""
+    from transformers import LlamaConfig
+
+    fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta",
+              "max_position_embeddings", "tie_word_embeddings")
+    return LlamaConfig(**{f: getattr(config, f) for f in fields})
+
+
+def llama(config, state_dict):
+    """transformers' LlamaForCausalLM (float32) holding `state_dict`; `config` is our TextConfig."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(llama_config(config)).eval()
+    tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    return model
+
+
+def gguf_reference_model():
+    """The GGUF's weights dequantized to float32 by transformers' own GGUF reader (its own
+    tensor names and un-permutation), in transformers' LlamaForCausalLM. Slow (minutes on
+    a small CPU): the fixture script uses it, the tests use `dequantized_model`."""
+    import torch
+    from transformers import LlamaForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     from mlx_smolvlm.gguf import read_gguf, text_config
 
-    # The reader needs a model to map names onto: build it (on meta) from our config, then
-    # check that the config transformers derives from the same metadata agrees with it.
     ours = text_config(*reversed(read_gguf(gguf_path())))
-    config = LlamaConfig(
-        hidden_size=ours.hidden_size, intermediate_size=ours.intermediate_size,
-        num_hidden_layers=ours.num_hidden_layers, num_attention_heads=ours.num_attention_heads,
-        num_key_value_heads=ours.num_key_value_heads, head_dim=ours.head_dim, vocab_size=ours.vocab_size,
-        rms_norm_eps=ours.rms_norm_eps, rope_theta=ours.rope_theta,
-        max_position_embeddings=ours.max_position_embeddings, tie_word_embeddings=ours.tie_word_embeddings,
-    )
-    with torch.device("meta"):
-        meta_model = LlamaForCausalLM(config)
-    ckpt = load_gguf_checkpoint(str(gguf_path()), return_tensors=True, model_to_load=meta_model)
+    with torch.device("meta"):  # the reader only needs the module names
+        names = LlamaForCausalLM(llama_config(ours))
+    ckpt = load_gguf_checkpoint(str(gguf_path()), return_tensors=True, model_to_load=names)
     for key, value in ckpt["config"].items():
         if hasattr(ours, key):
             assert getattr(ours, key) == value, f"GGUF config {key}: ours {getattr(ours, key)}, transformers {value}"
-    model = LlamaForCausalLM(config).eval()
-    missing, unexpected = model.load_state_dict(ckpt["tensors"], strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    model.tie_weights()
-    return model
+    return llama(ours, ckpt["tensors"])
+
+
+def dequantized_model(model):
+    """transformers' LlamaForCausalLM with our (quantized) TextModel's weights dequantized."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    params = dict(tree_flatten(model.parameters()))
+    state = {}
+    for k, v in params.items():
+        p = k.rsplit(".", 1)[0]
+        if f"{p}.scales" in params:
+            if not k.endswith(".weight"):
+                continue
+            s, b = params[f"{p}.scales"], params[f"{p}.biases"]
+            v = mx.dequantize(v, s, b, group_size=32, bits=v.shape[-1] // s.shape[-1])
+        state[k] = np.array(v)
+    return llama(model.config, state)
+
+
+def teacher_forced(model, ids: list[int], tokens: list[int]):
+    """transformers' argmax after each prefix of `ids + tokens` (what its greedy decode would
+    pick there) and its logits at the last prompt position, from one forward pass."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1 :]
+    return logits.argmax(-1).tolist(), logits[0].numpy()
 
 
 def gguf_prompt_ids(tokenizer, prompt: str) -> list[int]:
