@@ -4,7 +4,6 @@
 """
 
 import argparse
-import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -14,11 +13,13 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from .cache import make_prompt_cache
+from .cache import KVCache, make_prompt_cache
 from .detokenizer import StreamingDetokenizer
 from .gguf import load_gguf
 from .loading import CheckpointError, get_model_path, load_model
+from .model import Model
 from .processing import load_processor, text_processor
+from .prompt_cache import PromptCache, tile_digests
 from .sample_utils import make_logits_processors, make_sampler
 from .tokenizer import Tokenizer
 
@@ -43,62 +44,6 @@ def load(path_or_repo: str | Path, dtype: mx.Dtype | None = None, lazy: bool = F
 def text_config(model):
     # A VLM keeps its decoder's config under text_config; a TextModel's config is one.
     return getattr(model.config, "text_config", model.config)
-
-
-class PromptCache:
-    """A KV cache that remembers what it holds (tokens and image tiles), so a later chat
-    turn prefills only what follows the part it shares with the cache."""
-
-    def __init__(self, model):
-        self.layers = make_prompt_cache(model)
-        self.tokens: list[int] = []
-        self.tiles: list[bytes] = []  # digests of the cached image tiles, in prompt order
-        self.image_token_id = getattr(model.config, "image_token_id", None)
-        self.image_seq_len = getattr(model.config, "image_seq_len", 1)
-
-    @property
-    def offset(self) -> int:
-        return self.layers[0].offset
-
-    def tiles_in(self, ids: list[int]) -> int:
-        # Each tile's features fill `image_seq_len` consecutive `<image>` tokens, in order.
-        return ids.count(self.image_token_id) // self.image_seq_len
-
-    def reusable_prefix(self, ids: list[int], tiles: list[bytes]) -> int:
-        """Length of the cached prefix of `ids` whose image tiles are also the same pixels."""
-        # At most all but one token: the last one must run to give the next token's logits.
-        n, limit = 0, min(len(self.tokens), len(ids) - 1)
-        while n < limit and self.tokens[n] == ids[n]:
-            n += 1
-        same = 0
-        while same < min(len(tiles), len(self.tiles)) and tiles[same] == self.tiles[same]:
-            same += 1
-        image_pos = [i for i in range(n) if ids[i] == self.image_token_id]
-        if len(image_pos) > same * self.image_seq_len:
-            # Equal ids, other pixels (or a tile cut in two): stop before that tile.
-            n = image_pos[same * self.image_seq_len]
-        return n
-
-    def trim_to(self, n: int):
-        for c in self.layers:
-            c.trim(c.offset - n)
-        self.tokens = self.tokens[:n]
-        self.tiles = self.tiles[: self.tiles_in(self.tokens)]
-
-    def record(self, ids: list[int], generated: list[int], tiles: list[bytes]):
-        # The layers hold the prompt and every token fed back so far (one step runs ahead).
-        self.tokens = (ids + generated)[: self.offset]
-        self.tiles = tiles[: self.tiles_in(ids[: self.offset])]
-
-
-def tile_digests(inputs: dict) -> list[bytes]:
-    pv, pam = inputs.get("pixel_values"), inputs.get("pixel_attention_mask")
-    if pv is None:
-        return []
-    return [
-        hashlib.sha1(pv[0, i].tobytes() + (b"" if pam is None else pam[0, i].tobytes())).digest()
-        for i in range(pv.shape[1])
-    ]
 
 
 def generate_step(
@@ -321,17 +266,17 @@ def format_stats(r: GenerationResponse) -> str:
 
 
 def estimate_peak_memory(cfg, weight_bytes: int, tiles: int, prompt_tokens: int, max_tokens: int, dtype_bytes: int) -> float:
-    """A rough peak-memory prediction in GB for --dry-run: weights, KV cache and the
-    larger of the vision tower's activations (all tiles at once) and one prefill chunk."""
+    """A rough peak-memory prediction in GB for --dry-run: weights, KV cache and the larger
+    of the vision tower's activations (one batch of tiles) and one prefill chunk's."""
     t = getattr(cfg, "text_config", cfg)
-    L = -(-(prompt_tokens + max_tokens) // 256) * 256
+    L = -(-(prompt_tokens + max_tokens) // KVCache.step) * KVCache.step
     kv = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * L * dtype_bytes
     vision = 0
     if tiles:
-        v = cfg.vision_config
+        v, n = cfg.vision_config, min(tiles, Model.vision_batch_size)
         P = v.patches_per_side**2
-        acts = tiles * P * (6 * v.hidden_size + 2 * v.intermediate_size) * dtype_bytes
-        vision = acts + tiles * v.num_attention_heads * P * P * 4
+        acts = n * P * (6 * v.hidden_size + 2 * v.intermediate_size) * dtype_bytes
+        vision = acts + n * v.num_attention_heads * P * P * 4
     C = min(512, prompt_tokens)
     prefill = C * (6 * t.hidden_size + 3 * t.intermediate_size) * dtype_bytes
     prefill += t.num_attention_heads * C * prompt_tokens * 4 + t.vocab_size * 4
