@@ -94,7 +94,7 @@ def test_stream_and_generate_agree_and_stop_reasons(tiny, images):
     assert [r.finish_reason for r in responses] == [None] * 9 + ["length"]
     text = "".join(r.text for r in responses)
     assert text == generate(model, processor, messages, max_tokens=10)
-    assert text == processor.tokenizer.decode([r.token for r in responses])
+    assert text == processor.tokenizer.decode([r.token for r in responses], skip_special_tokens=True)
     r = responses[-1]
     assert r.prompt_tokens == len(ref["tiled"][0]["input_ids"]) and r.generation_tokens == 10
     assert r.prompt_tps > 0 and r.generation_tps > 0 and r.peak_memory > 0
@@ -117,7 +117,8 @@ def test_stop_strings_end_the_text_and_are_never_streamed(tiny, images):
     _, model, processor, _, _ = tiny["tiny-idefics3"]
     messages = scenario_turns("text_only", images)[0]
     full = generate(model, processor, messages, max_tokens=24)
-    stop = full[10:14]
+    assert len(full) >= 6
+    stop = full[len(full) // 2 :][:2]
     cut = full.index(stop)
     responses = list(stream_generate(model, processor, messages, max_tokens=24, stop=["\x00never", stop]))
     assert "".join(r.text for r in responses) == full[:cut]
