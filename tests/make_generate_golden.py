@@ -223,7 +223,7 @@ def hf_gguf_generations(model, tokenizer) -> dict:
 def main():
     import tempfile
 
-    from mlx_smolvlm.generate import load
+    from mlx_smolvlm.generation import load
     from mlx_smolvlm.tokenizer import Tokenizer
 
     golden = {"tiny": {}}

@@ -18,7 +18,7 @@ from make_generate_golden import GOLDEN, SCENARIOS, TINY, TINY_MAX_TOKENS, assis
 from make_generate_golden import scenario_turns, tiny_folder, write_images
 
 from mlx_smolvlm.detokenizer import StreamingDetokenizer
-from mlx_smolvlm.generate import generate, load, stream_generate
+from mlx_smolvlm.generation import generate, load, stream_generate
 from mlx_smolvlm.prompt_cache import PromptCache
 from mlx_smolvlm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 from mlx_smolvlm.sample_utils import make_sampler

@@ -23,7 +23,7 @@ import pytest
 from make_generate_golden import GGUF_MAX_TOKENS, GGUF_PROMPTS, GGUF_SYSTEM, GOLDEN, LOGITS_TOP, gguf_path
 from make_generate_golden import gguf_prompt_ids
 
-from mlx_smolvlm.generate import load, stream_generate
+from mlx_smolvlm.generation import load, stream_generate
 from mlx_smolvlm.gguf import load_gguf, read_gguf, unpermute_rows
 from mlx_smolvlm.loading import CheckpointError
 
