@@ -80,6 +80,15 @@ def test_greedy_matches_transformers(tiny, images, name, scenario):
         assert results[1][2][-1].cached_tokens >= first_prompt
 
 
+def test_raw_prompt_with_images_equals_messages(tiny, images):
+    _, model, processor, ref, _ = tiny["tiny-idefics3"]
+    messages = scenario_turns("tiled", images)[0]
+    prompt = processor.apply_chat_template(messages)
+    tokens = [r.token for r in stream_generate(model, processor, prompt, [images["wide.png"]],
+                                               max_tokens=TINY_MAX_TOKENS)]
+    assert tokens == ref["tiled"][0]["tokens"]
+
+
 def test_chunked_prefill_gives_the_same_tokens(tiny, images):
     _, model, processor, ref, _ = tiny["tiny-idefics3"]
     turns = scenario_turns("two_images", images)

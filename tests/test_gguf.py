@@ -147,3 +147,10 @@ def test_metadata_of_other_architectures_is_refused():
     weights, meta = read_gguf(gguf_path())
     with pytest.raises(CheckpointError, match="architecture 'qwen2' is not supported"):
         text_config({**meta, "general.architecture": "qwen2"}, weights)
+
+
+def test_dtype_casts_scales_and_norms():
+    model, _ = load(gguf_path(), dtype=mx.bfloat16)
+    q = model.layers[0].self_attn.q_proj
+    assert q.weight.dtype == mx.uint32 and q.scales.dtype == mx.bfloat16
+    assert model.model.norm.weight.dtype == mx.bfloat16
