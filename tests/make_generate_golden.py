@@ -22,8 +22,7 @@ FIXTURES = HERE / "fixtures"
 GOLDEN = FIXTURES / "generate_golden.json"
 sys.path[:0] = [str(HERE.parent / "scripts")]
 
-# name -> (processor layout, tile size, image tokens per tile)
-TINY = {"tiny-idefics3": ("smolvlm", 32, 4), "tiny-smolvlm": ("smolvlm2", 36, 9)}
+TINY = ("tiny-idefics3", "tiny-smolvlm")
 TINY_MAX_TOKENS = 24
 # (tiny-idefics3 at 32px tiles) a 100x60 image: 3x4 tiles + global; a 40x40 one: 2x2 + global
 IMAGES = {"wide.png": (60, 100), "square.png": (40, 40)}
@@ -55,10 +54,9 @@ def write_images(dest: Path) -> dict:
 
 def tiny_folder(name: str, dest: Path) -> Path:
     """The committed tiny weights plus a processor folder: a complete checkpoint."""
-    from make_tokenizer import write_processor_folder
+    from make_tokenizer import write_processor_for_model
 
-    layout, tile, seq_len = TINY[name]
-    write_processor_folder(dest, layout=layout, tile=tile, image_seq_len=seq_len, vocab_size=512, image_token_id=300)
+    write_processor_for_model(dest, json.loads((FIXTURES / name / "config.json").read_text()))
     for f in ("config.json", "generation_config.json", "model.safetensors"):
         shutil.copy(FIXTURES / name / f, dest / f)
     return dest

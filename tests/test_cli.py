@@ -49,7 +49,7 @@ def test_images_and_tiling_controls(tiny, images):
     single = cli("--model", tiny, "--image", images["wide.png"], "--dry-run", "--no-split")
     capped = cli("--model", tiny, "--image", images["wide.png"], "--dry-run", "--max-tiles", 4)
     print(tiled.stdout, single.stdout, capped.stdout, sep="\n")
-    assert "3x4 tiles + global = 13 tiles, 52 image tokens" in tiled.stdout
+    assert "3x4 grid + global = 13 tiles, 52 image tokens" in tiled.stdout
     assert "1 tile (unsplit), 4 image tokens" in single.stdout
     assert "predicted peak memory" in tiled.stdout and "of 2048 context" in tiled.stdout
     assert "13 tiles" not in capped.stdout
