@@ -22,7 +22,9 @@ from .tokenizer import Tokenizer
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 
 
-def estimate_peak_memory(cfg, weight_bytes: int, tiles: int, prompt_tokens: int, max_tokens: int, dtype_bytes: int) -> float:
+def estimate_peak_memory(
+    cfg, weight_bytes: int, tiles: int, prompt_tokens: int, max_tokens: int, dtype_bytes: int
+) -> float:
     """A rough peak-memory prediction in GB for --dry-run: weights, KV cache and the larger
     of the vision tower's activations (one batch of tiles) and one prefill chunk's."""
     t = getattr(cfg, "text_config", cfg)
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
     p.add_argument("--prompt", help="the question (default with images: 'Describe this image.')")
     p.add_argument("--system", help="a system message")
-    p.add_argument("--max-tokens", type=_checked(int, lambda v: v >= 1, ">= 1"), default=256)
+    at_least_1 = _checked(int, lambda v: v >= 1, ">= 1")
+    p.add_argument("--max-tokens", type=at_least_1, default=256)
     p.add_argument("--temp", type=_checked(float, lambda v: v >= 0, ">= 0"), default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=_checked(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=1.0)
     p.add_argument("--top-k", type=_checked(int, lambda v: v >= 0, ">= 0"), default=0, help="0 = off")
@@ -75,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     split = p.add_mutually_exclusive_group()
     split.add_argument("--no-split", action="store_true", help="one global tile per image, no tiling")
-    split.add_argument("--max-tiles", type=_checked(int, lambda v: v >= 1, ">= 1"), help="cap tiles per image")
+    split.add_argument("--max-tiles", type=at_least_1, help="tiles per image at most")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
     p.add_argument("--verbose", action="store_true", help="print prompt/decode speed and peak memory")
     p.add_argument("--dry-run", action="store_true", help="report tiles, tokens and predicted memory only")

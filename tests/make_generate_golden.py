@@ -63,7 +63,8 @@ def tiny_folder(name: str, dest: Path) -> Path:
 
 
 def user(text, images=()):
-    return {"role": "user", "content": [{"type": "image", "path": p} for p in images] + [{"type": "text", "text": text}]}
+    content = [{"type": "image", "path": p} for p in images]
+    return {"role": "user", "content": content + [{"type": "text", "text": text}]}
 
 
 def assistant(text):
@@ -117,7 +118,8 @@ def hf_tiny_generations(folder: Path, images: dict, eos: list[int]) -> dict:
                 messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
             )
             with torch.no_grad():
-                seq = model.generate(**inputs, do_sample=False, max_new_tokens=TINY_MAX_TOKENS, eos_token_id=eos)
+                seq = model.generate(**inputs, do_sample=False, max_new_tokens=TINY_MAX_TOKENS,
+                                     eos_token_id=eos)
             ids = seq[0, inputs["input_ids"].shape[1] :].tolist()
             turns.append({"input_ids": inputs["input_ids"][0].tolist(), "tokens": ids})
             messages.append(assistant(reply_text(processor.tokenizer, ids)))
@@ -164,7 +166,7 @@ def gguf_reference_model():
     ckpt = load_gguf_checkpoint(str(gguf_path()), return_tensors=True, model_to_load=names)
     for key, value in ckpt["config"].items():
         if hasattr(ours, key):
-            assert getattr(ours, key) == value, f"GGUF config {key}: ours {getattr(ours, key)}, transformers {value}"
+            assert getattr(ours, key) == value, f"GGUF {key}: ours {getattr(ours, key)}, transformers {value}"
     return llama(ours, ckpt["tensors"])
 
 
@@ -208,8 +210,8 @@ def hf_gguf_generations(model, tokenizer) -> dict:
     for i, prompt in enumerate(GGUF_PROMPTS):
         ids = torch.tensor([gguf_prompt_ids(tokenizer, prompt)])
         with torch.no_grad():
-            seq = model.generate(ids, do_sample=False, max_new_tokens=GGUF_MAX_TOKENS,
-                                 eos_token_id=sorted(tokenizer.eos_token_ids), attention_mask=torch.ones_like(ids))
+            seq = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=GGUF_MAX_TOKENS, eos_token_id=sorted(tokenizer.eos_token_ids))
             if i == 0:
                 last = model(ids).logits[0, -1]
                 top = torch.topk(last, LOGITS_TOP)
@@ -230,7 +232,8 @@ def main():
         for name in TINY:
             folder = tiny_folder(name, Path(tmp) / name)
             _, processor = load(folder)
-            golden["tiny"][name] = hf_tiny_generations(folder, images, sorted(processor.tokenizer.eos_token_ids))
+            eos = sorted(processor.tokenizer.eos_token_ids)
+            golden["tiny"][name] = hf_tiny_generations(folder, images, eos)
     tokenizer = Tokenizer.from_gguf(gguf_path())
     golden["gguf"] = hf_gguf_generations(gguf_reference_model(), tokenizer)
     GOLDEN.write_text(json.dumps(golden))

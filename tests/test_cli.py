@@ -17,7 +17,8 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 
 def cli(*args, stdin=None, timeout=120):
     cmd = [sys.executable, "-m", "mlx_smolvlm.generate", *map(str, args)]
-    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=ENV)
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=ENV)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,8 @@ def test_gguf_answer_with_stats():
 
 
 def test_images_and_tiling_controls(tiny, images):
-    r = cli("--model", tiny, "--image", images["wide.png"], "--image", images["square.png"], "--prompt", "Compare.",
-            "--max-tokens", 5, "--verbose")
+    r = cli("--model", tiny, "--image", images["wide.png"], "--image", images["square.png"],
+            "--prompt", "Compare.", "--max-tokens", 5, "--verbose")
     assert r.returncode == 0, r.stderr
     assert "Generation: 5 tokens" in r.stdout
     tiled = cli("--model", tiny, "--image", images["wide.png"], "--dry-run")

@@ -89,7 +89,8 @@ def test_dequantized_weights_equal_the_gguf_reference(smollm2):
         ref = dequantize(t.data[:rows], t.tensor_type).reshape(rows, -1)
         if n_head:
             ref = np.array(unpermute_rows(mx.array(ref), n_head))
-        w = mx.dequantize(ours.weight[:rows], ours.scales[:rows], ours.biases[:rows], group_size=32, bits=ours.bits)
+        q = (ours.weight[:rows], ours.scales[:rows], ours.biases[:rows])
+        w = mx.dequantize(*q, group_size=32, bits=ours.bits)
         assert np.array_equal(np.array(w), ref), name
 
 
@@ -120,8 +121,9 @@ def test_greedy_generation_matches_transformers(smollm2, golden, hf_model):
         tokens = [r.token for r in responses]
         text = "".join(r.text for r in responses)
         r = responses[-1]
-        print(f"{prompt!r} -> {text!r}: {len(tokens)} tokens, equal to golden: {tokens == golden['prompts'][prompt]}; "
-              f"prefill {r.prompt_tps:.1f} tok/s, decode {r.generation_tps:.1f} tok/s, peak {r.peak_memory:.3f} GB")
+        print(f"{prompt!r} -> {text!r}: {len(tokens)} tokens, equal to golden: "
+              f"{tokens == golden['prompts'][prompt]}; prefill {r.prompt_tps:.1f} tok/s, "
+              f"decode {r.generation_tps:.1f} tok/s, peak {r.peak_memory:.3f} GB")
         assert r.prompt_tokens == len(ids)
         assert tokens == golden["prompts"][prompt]
         if hf_model is not None:
