@@ -96,6 +96,20 @@ def test_chunked_prefill_gives_the_same_tokens(tiny, images):
     assert tokens == ref["two_images"][0]["tokens"]
 
 
+def test_chunked_prefill_bounds_peak_memory(tiny):
+    _, model, processor, _, _ = tiny["tiny-idefics3"]
+    prompt = "the cat sat on the mat. " * 110  # ~1,500 tokens (tiny vocabulary) of a 2,048 context
+
+    def run(step):
+        rs = list(stream_generate(model, processor, prompt, max_tokens=4, prefill_step_size=step))
+        return [r.token for r in rs], rs[-1].peak_memory
+
+    (whole, whole_peak), (chunked, chunked_peak) = run(4096), run(128)
+    print(f"{len(processor(prompt)['input_ids'][0])}-token prompt: peak {whole_peak * 1e3:.1f} MB in one "
+          f"chunk, {chunked_peak * 1e3:.1f} MB in chunks of 128")
+    assert chunked == whole and chunked_peak < whole_peak / 2
+
+
 def test_stream_and_generate_agree_and_stop_reasons(tiny, images):
     _, model, processor, ref, _ = tiny["tiny-idefics3"]
     messages = scenario_turns("tiled", images)[0]
