@@ -9,22 +9,13 @@ import argparse
 from mlx_smolvlm import generate, load
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("first")
-parser.add_argument("second")
+parser.add_argument("images", nargs=2, help="two paths or URLs")
 parser.add_argument("--question", default="What is different between these two images?")
 parser.add_argument("--model", default="HuggingFaceTB/SmolVLM-256M-Instruct")
 args = parser.parse_args()
 
 model, processor = load(args.model)
-messages = [
-    {
-        "role": "user",
-        "content": [
-            {"type": "image", "path": args.first},
-            {"type": "image", "path": args.second},
-            {"type": "text", "text": args.question},
-        ],
-    }
-]
+content = [{"type": "image", "path": p} for p in args.images]
+messages = [{"role": "user", "content": content + [{"type": "text", "text": args.question}]}]
 print(processor.preflight(messages, do_image_splitting=False))
 answer = generate(model, processor, messages, max_tokens=200, do_image_splitting=False, verbose=True)
