@@ -10,7 +10,7 @@ from mlx_smolvlm.loading import cast_floats, get_model_path, load_config, load_m
 
 from .card import model_card
 from .compat import explicit_config, with_reader_paths
-from .quality import agreement, image_prompt, text_ids
+from .quality import agreement, all_logits, image_prompt, text_ids
 from .recipes import check_args, quantize_model, summarize
 from .save import MAX_SHARD_BYTES, copy_assets, folder_bytes, save_weights, staged_folder, write_json
 
@@ -31,8 +31,8 @@ def measure_quality(path: Path, candidate, dtype: str | None) -> dict:
     config = reference.config
     texts = text_ids(path, config.text_config.vocab_size)
     prompts = [dict(input_ids=mx.array([ids])) for ids in texts] + [image_prompt(config)]
-    result = agreement(reference, candidate, prompts)
-    result["prompts"] = f"{len(texts)} text prompts, 1 image tile"
+    result = agreement(all_logits(reference, prompts), all_logits(candidate, prompts))
+    result["prompts"] = f"{len(texts)} text prompts, 1 small image"
     return result
 
 

@@ -29,32 +29,51 @@ def text_ids(path: Path | None, vocab_size: int, length: int = 48, seed: int = 0
 
 
 def image_prompt(config, n_text: int = 8, seed: int = 0) -> dict:
-    """One tile of a fixed smooth image between text tokens, with its image tokens."""
+    """A small fixed smooth image between text tokens.
+
+    The image is 2 x scale_factor patches a side (4 feature rows), not a full tile: the
+    vision tower maps any grid onto its position table, and a 512px tile costs minutes
+    on a CPU.
+    """
     v = config.vision_config
-    S = v.image_size
-    y, x = np.mgrid[0:S, 0:S] / S
+    side = min(2 * config.scale_factor, v.patches_per_side) * v.patch_size
+    y, x = np.mgrid[0:side, 0:side] / side
     rng = np.random.default_rng(seed)
-    pixels = np.stack([np.sin(6 * x + 2 * c) * np.cos(4 * y - c) for c in range(v.num_channels)])
+    pixels = np.stack([np.sin(6 * x + 2 * c) * np.cos(4 * y - c) for c in range(v.num_channels)], -1)
     pixels = 0.8 * pixels + 0.2 * rng.uniform(-1, 1, pixels.shape)
-    text = rng.integers(0, config.image_token_id, 2 * n_text).tolist()
-    ids = text[:n_text] + [config.image_token_id] * config.image_seq_len + text[n_text:]
-    return dict(
-        input_ids=mx.array([ids]),
-        pixel_values=mx.array(pixels[None, None].astype(np.float32)),
-    )
+    text = rng.integers(0, config.image_token_id, (2, n_text))
+    return dict(before=mx.array(text[:1]), pixels=mx.array(pixels[None].astype(np.float32)),
+                after=mx.array(text[1:]))
 
 
-def agreement(reference, candidate, prompts: list) -> dict:
-    """Mean KL(reference || candidate) in nats and top-1 agreement over every position."""
-    kls, same = [], []
+def logits(model, prompt: dict) -> mx.array:
+    """Logits of a text prompt ({input_ids}) or an image prompt ({before, pixels, after})."""
+    if "pixels" not in prompt:
+        return model(input_ids=prompt["input_ids"])
+    pixels, p = prompt["pixels"], model.config.vision_config.patch_size
+    patch_mask = mx.ones((1, pixels.shape[1] // p, pixels.shape[2] // p), dtype=mx.bool_)
+    embed = model.get_input_embeddings
+    before, after = embed(prompt["before"]), embed(prompt["after"])
+    feats = model.get_image_features(pixels, patch_mask).astype(before.dtype)
+    return model(input_embeddings=mx.concatenate([before, feats, after], axis=1))
+
+
+def all_logits(model, prompts: list) -> list:
+    out = []
     for prompt in prompts:
-        p = reference(**prompt).astype(mx.float32)
-        q = candidate(**prompt).astype(mx.float32)
+        out.append(logits(model, prompt).astype(mx.float32))
+        mx.eval(out[-1])
+    return out
+
+
+def agreement(reference: list, candidate: list) -> dict:
+    """Mean KL(reference || candidate) in nats and top-1 agreement over all positions."""
+    kls, same = [], []
+    for p, q in zip(reference, candidate):
         lp = p - mx.logsumexp(p, axis=-1, keepdims=True)
         lq = q - mx.logsumexp(q, axis=-1, keepdims=True)
-        kls.append(((mx.exp(lp) * (lp - lq)).sum(axis=-1)).reshape(-1))
+        kls.append((mx.exp(lp) * (lp - lq)).sum(axis=-1).reshape(-1))
         same.append((p.argmax(axis=-1) == q.argmax(axis=-1)).reshape(-1))
-        mx.eval(kls[-1], same[-1])
     kl, agree = mx.concatenate(kls), mx.concatenate(same)
     return dict(
         kl=kl.mean().item(),
