@@ -54,7 +54,8 @@ def smolvlm_worker(src: Path, run: str, work: Path, tokens: int) -> dict:
     stats = dict(size=folder_bytes(out), peak=mx.get_peak_memory())
     cast_floats(model, mx.float32)
     cfg = model.config
-    prompts = [dict(input_ids=mx.array([ids])) for ids in text_ids(None, cfg.text_config.vocab_size, tokens)[:2]]
+    texts = text_ids(None, cfg.text_config.vocab_size, tokens)[:2]
+    prompts = [dict(input_ids=mx.array([ids])) for ids in texts]
     prompts.append(image_prompt(cfg))
     return stats, all_logits(model, prompts)
 
@@ -119,7 +120,7 @@ def run_all(flag: str, source: str, runs: tuple, args, work: Path) -> dict:
 def table(title: str, results: dict):
     _, ref = results["float"]
     print(f"\n{title}")
-    print("| recipe | bits | size on disk (MB) | peak load memory (MB) | KL mean (nats) | KL max | top-1 |")
+    print("| recipe | bits | size (MB) | peak load memory (MB) | KL mean (nats) | KL max | top-1 |")
     print("|---|---|---|---|---|---|---|")
     for run, (stats, logits) in results.items():
         recipe, bits = run.split(":") if ":" in run else (run, "-")
@@ -150,7 +151,8 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         if args.smolvlm:
             results = run_all("smolvlm", args.smolvlm, RUNS, args, Path(work))
-            table(f"SmolVLM {args.smolvlm} (bfloat16 source; text prompts + 1 small image)", results)
+            title = f"SmolVLM {args.smolvlm} (text prompts + 1 small image; size: on disk)"
+            table(title, results)
         if args.gguf:
             results = run_all("gguf", args.gguf, GGUF_RUNS, args, Path(work))
             table("SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to bfloat16; real text; size: weights "

@@ -30,7 +30,8 @@ def explicit_config(raw: dict, config: ModelConfig) -> dict:
     for key in ("vision_config", "text_config"):
         sub = getattr(config, key)
         # Resolved from the source, so equal where it was explicit; fills the rest.
-        out[key].update({f.name: getattr(sub, f.name) for f in fields(sub) if getattr(sub, f.name) is not None})
+        resolved = {f.name: getattr(sub, f.name) for f in fields(sub)}
+        out[key].update({k: v for k, v in resolved.items() if v is not None})
     # The composite model's flag is the one the reference (and we) obey.
     out["text_config"]["tie_word_embeddings"] = config.tie_word_embeddings
     return out

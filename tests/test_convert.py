@@ -301,8 +301,8 @@ def test_mlx_vlm_loads_the_output_with_the_same_logits(tmp_path, recipe):
     vlm_utils = pytest.importorskip("mlx_vlm.utils")
     # mlx-vlm's decoder always has an lm_head, so it reads untied checkpoints only.
     src = source(tmp_path, "tiny-idefics3")
-    out = convert(str(src), tmp_path / "out", quantize=recipe is not None, q_group_size=32 if recipe else None,
-                  recipe=recipe, evaluate=False)
+    quant = dict(quantize=True, q_group_size=32, recipe=recipe) if recipe else {}
+    out = convert(str(src), tmp_path / "out", evaluate=False, **quant)
     ours, theirs = load_model(out), vlm_utils.load_model(out)
     ids = mx.array([[1, 5, 9, 30, 2, 77] + [300] * 4 + [8, 4]])
     pixels = image_prompt(ours.config)["pixels"].transpose(0, 3, 1, 2)[None]  # (B, N, C, H, W)
