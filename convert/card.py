@@ -28,7 +28,7 @@ def model_card(
         )
         rows += [
             ("quantization", f"affine, {q['bits']} bits, group size {q['group_size']}"),
-            ("recipe", f"`{recipe}`: {DESCRIPTIONS[recipe]}"),
+            ("recipe", f"`{recipe}`: " + DESCRIPTIONS[recipe].replace("--q-bits", f"{q['bits']} bits")),
             ("layers", counts + " (float: left out by the recipe, or input width not "
              "divisible by the group size)"),
         ]

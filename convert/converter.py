@@ -25,11 +25,14 @@ def _log(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
-def measure_quality(path: Path, candidate, dtype: str | None) -> dict:
-    """Candidate vs the source model (cast to the same dtype) on fixed prompts."""
-    reference = load_model(path, dtype=getattr(mx, dtype) if dtype else None, lazy=True)
+def measure_quality(source: Path, converted: Path, dtype: str | None) -> dict:
+    """The converted folder vs the source model on fixed prompts."""
+    # MLX's bfloat16 and quantized matmuls are very slow on CPUs; float32 is exact for both.
+    compute = mx.float32 if mx.default_device() == mx.cpu else dtype and getattr(mx, dtype)
+    reference = load_model(source, dtype=compute, lazy=True)
+    candidate = load_model(converted, dtype=compute, lazy=True)
     config = reference.config
-    texts = text_ids(path, config.text_config.vocab_size)
+    texts = text_ids(source, config.text_config.vocab_size)
     prompts = [dict(input_ids=mx.array([ids])) for ids in texts] + [image_prompt(config)]
     result = agreement(all_logits(reference, prompts), all_logits(candidate, prompts))
     result["prompts"] = f"{len(texts)} text prompts, 1 small image"
@@ -96,10 +99,6 @@ def convert(
         quantization = quantize_model(model, bits, group_size, recipe)
         layers = summarize(quantization)
         config["quantization"] = with_reader_paths(quantization)
-        if evaluate:
-            _log("measuring next-token agreement with the float model")
-            quality = measure_quality(path, model, dtype)
-            _log(f"KL {quality['kl']:.4f} nats, top-1 agreement {100 * quality['top1']:.1f}%")
 
     params = tree_flatten(model.parameters())
     float_dtype = next(v.dtype for _, v in params if mx.issubdtype(v.dtype, mx.floating))
@@ -107,6 +106,10 @@ def convert(
         save_weights(tmp, dict(params), max_shard_bytes)
         copy_assets(path, tmp)
         write_json(tmp / "config.json", config)
+        if quantize and evaluate:
+            _log("measuring next-token agreement with the float model")
+            quality = measure_quality(path, tmp, dtype)
+            _log(f"KL {quality['kl']:.4f} nats, top-1 agreement {100 * quality['top1']:.1f}%")
         card = model_card(
             source=hf_path,
             is_hub_id=not Path(hf_path).expanduser().exists(),
