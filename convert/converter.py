@@ -100,10 +100,12 @@ def convert(
         layers = summarize(quantization)
         config["quantization"] = with_reader_paths(quantization)
 
-    params = tree_flatten(model.parameters())
-    float_dtype = next(v.dtype for _, v in params if mx.issubdtype(v.dtype, mx.floating))
+    weights = dict(tree_flatten(model.parameters()))
+    float_dtype = next(v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating))
+    del model  # quality is measured on the written folder; free this copy first
     with staged_folder(out, overwrite) as tmp:
-        save_weights(tmp, dict(params), max_shard_bytes)
+        save_weights(tmp, weights, max_shard_bytes)
+        del weights
         copy_assets(path, tmp)
         write_json(tmp / "config.json", config)
         if quantize and evaluate:

@@ -312,3 +312,18 @@ def test_mlx_vlm_loads_the_output_with_the_same_logits(tmp_path, recipe):
         diff = mx.abs(a - b).max().item()
         print(f"mlx-vlm vs ours, recipe {recipe}, image {args[1] is not None}: max |diff| {diff:.2e}")
         assert diff < 1e-4
+
+
+def test_quality_prompts_use_the_checkpoint_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from convert.quality import TEXTS, text_ids
+
+    words = sorted({w for t in TEXTS for w in t.split()})
+    tok = Tokenizer(models.WordLevel({w: i + 1 for i, w in enumerate(words)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ids = text_ids(tmp_path, vocab_size=512, length=10)
+    assert ids == [tok.encode(t).ids[:10] for t in TEXTS] and 0 not in ids[0]
+    # Without a tokenizer: fixed random ids below the vocab size.
+    assert text_ids(None, 512) == text_ids(None, 512) and max(map(max, text_ids(None, 512))) < 512
