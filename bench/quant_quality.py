@@ -148,6 +148,9 @@ def main():
         return worker(args)
     if not (args.smolvlm or args.gguf):
         ap.error("give --smolvlm and/or --gguf")
+    if args.gguf and importlib.util.find_spec("mlx_smolvlm.gguf") is None:
+        print("skipping --gguf: this checkout has no mlx_smolvlm/gguf.py yet", file=sys.stderr)
+        args.gguf = None
     with tempfile.TemporaryDirectory() as work:
         if args.smolvlm:
             results = run_all("smolvlm", args.smolvlm, RUNS, args, Path(work))
