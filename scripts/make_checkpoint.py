@@ -48,6 +48,9 @@ SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers
 TEXT_135M = smollm2(576, 30, 9, 3, 1536, 100000.0)
 TEXT_360M = smollm2(960, 32, 15, 5, 2560, 100000.0)
 TEXT_1_7B = smollm2(2048, 24, 32, 32, 8192, 273768.0, vocab=49155)
+# SmolVLM2-2.2B: same decoder with the 256M-style added tokens; theta taken from v1 (not checked
+# against the published config, which cannot be downloaded here).
+TEXT_1_7B_V2 = smollm2(2048, 24, 32, 32, 8192, 273768.0)
 
 PRESETS = {
     # scale 4 over an 8x8 patch grid: 4 tokens per tile; untied head.
@@ -67,7 +70,7 @@ PRESETS = {
     "smolvlm2-500m": dict(model_type="smolvlm", scale_factor=4, image_token_id=49190,
                           vision_config=SIGLIP_B16, text_config=TEXT_360M),
     "smolvlm2-2.2b": dict(model_type="smolvlm", scale_factor=3, image_token_id=49190,
-                          vision_config=SIGLIP_SO400M, text_config=smollm2(2048, 24, 32, 32, 8192, 130000.0)),
+                          vision_config=SIGLIP_SO400M, text_config=TEXT_1_7B_V2),
 }
 
 
