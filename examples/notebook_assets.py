@@ -29,7 +29,7 @@ def smolvlm_processor(dest) -> Path:
 
 def tiny_vlm(dest) -> Path:
     """The tiny random SmolVLM2 test checkpoint (36 px tiles, 9 tokens a tile, vocab 512)
-    with a processor folder of its own, so `generate.load(dest)` works on it."""
+    with a processor folder of its own, so `mlx_smolvlm.load(dest)` works on it."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "generation_config.json", "model.safetensors"):
