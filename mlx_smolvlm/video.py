@@ -1,0 +1,224 @@
+"""SmolVLM2 video input: decode, sample frames, frame pixels and the video prompt.
+
+Matches transformers' `SmolVLMVideoProcessor` (frame sampling, two-step resize, no
+tiling) and `SmolVLMProcessor.replace_video_token` (the trained video prompt).
+"""
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# Strings of transformers' processing_smolvlm.py; the model was trained on them.
+VIDEO_INTRO = "You are provided the following series of {frame_count} frames from a {video_duration} [H:MM:SS] video.\n"
+FRAME_TIMESTAMP = "\nFrame from {timestamp}:"
+MEDIA_OUTRO = "\n\n"
+MAX_IMAGE_SIZE = 4096
+
+
+class VideoError(ValueError):
+    pass
+
+
+@dataclass
+class VideoOptions:
+    """How frames are sampled and sized; `from_config` reads a preprocessor config."""
+
+    fps: float = 1.0
+    max_frames: int = 64
+    skip_secs: float = 1.0
+    longest_edge: int = 2048  # first resize: the frame's longest edge (the reference's `size`)
+    frame_size: int = 512  # second resize: a square frame (`max_image_size`), one image block
+
+    @classmethod
+    def from_config(cls, cfg: dict, **overrides) -> "VideoOptions":
+        # As SmolVLMVideoProcessor.__init__: `size` wins over `video_sampling.video_size`.
+        sampling = cfg.get("video_sampling", {})
+        size = cfg.get("size") or sampling.get("video_size") or {"longest_edge": 4 * 364}
+        opts = cls(
+            fps=sampling.get("fps", 1.0),
+            max_frames=sampling.get("max_frames", 64),
+            longest_edge=size["longest_edge"],
+            frame_size=cfg.get("max_image_size", {"longest_edge": 364})["longest_edge"],
+        )
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(opts, k, v)
+        return opts
+
+
+@dataclass
+class VideoFrames:
+    """Sampled frames of one video: RGB uint8 (N, H, W, 3) at the decoded size."""
+
+    path: str
+    frames: np.ndarray
+    indices: np.ndarray
+    fps: float  # the stream's average frame rate
+    total_frames: int
+    duration: float  # seconds, total_frames / fps as the reference computes it
+
+    @property
+    def timestamps(self) -> list[float]:
+        return [i / self.fps for i in self.indices]
+
+
+def sample_frame_indices(
+    total_frames: int, video_fps: float, duration: float, fps: float, max_frames: int, skip_secs: float = 1
+) -> np.ndarray:
+    """Frame indices exactly as `SmolVLMVideoProcessor.sample_frames`."""
+    desired = max(min(int(round(fps * duration)), max_frames), 1)
+    start, end = 0, total_frames - 1
+    # The reference compares the kept span with max_frames * fps (not / fps); kept as is.
+    if skip_secs > 0 and (duration - 2 * skip_secs) > (max_frames * fps):
+        start = int(skip_secs * video_fps)
+        end = int(total_frames - skip_secs * video_fps)
+    start, end = max(0, start), min(end, total_frames - 1)
+    if start >= end:
+        start, end = 0, total_frames - 1
+    return np.unique(np.linspace(start, end, desired, dtype=int))
+
+
+def _open(path: Path):
+    import av
+
+    if not path.is_file():
+        raise VideoError(f"{path}: no such video file")
+    if path.stat().st_size == 0:
+        raise VideoError(f"{path}: the file is empty")
+    try:
+        container = av.open(str(path))
+    except av.FFmpegError as e:
+        raise VideoError(f"{path}: not a readable video ({e.strerror or type(e).__name__})") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{path}: has no video stream (audio only?)")
+    return container
+
+
+def _frame_pts(container, stream) -> tuple[list[int], set[int]]:
+    # Demux without decoding: presentation-ordered pts of every frame (frame i is the
+    # i-th frame the decoder emits, as the reference counts) and the keyframes among them.
+    pts, keys = [], set()
+    for packet in container.demux(stream):
+        if packet.pts is None:
+            continue
+        pts.append(packet.pts)
+        if packet.is_keyframe:
+            keys.add(packet.pts)
+    container.seek(0)
+    return sorted(pts), keys
+
+
+def _decode(container, stream, pts: list[int], keys: set[int], indices: np.ndarray) -> list:
+    # Seek to the keyframe before a wanted frame when that skips decoding; otherwise
+    # decode on. Only the wanted frames are kept (and later converted to RGB).
+    import av
+
+    key_pts = sorted(keys)
+    wanted = [pts[i] for i in indices]
+    frames, it, last = [], None, None
+    for target in wanted:
+        k = key_pts[max(np.searchsorted(key_pts, target, side="right") - 1, 0)] if key_pts else None
+        if it is None or (k is not None and last is not None and k > last):
+            container.seek(k if k is not None else 0, stream=stream, backward=True)
+            it = container.decode(stream)
+        for frame in it:
+            last = frame.pts
+            if frame.pts is not None and frame.pts >= target:
+                frames.append(frame)
+                break
+        else:
+            break
+    return frames
+
+
+def load_video(path, fps: float = 1.0, max_frames: int = 64, skip_secs: float = 1.0) -> VideoFrames:
+    """Decode only the frames SmolVLM2 samples from `path`, upright, as RGB uint8."""
+    import av
+
+    path = Path(path)
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            pts, keys = _frame_pts(container, stream)
+        except av.FFmpegError as e:
+            raise VideoError(f"{path}: the video is corrupt ({e.strerror or type(e).__name__})") from None
+        # The reference trusts the container's frame count; fall back to the demuxed one.
+        total = min(stream.frames, len(pts)) if stream.frames else len(pts)
+        rate = float(stream.average_rate or stream.guessed_rate or 0)
+        if total == 0 or rate <= 0:
+            raise VideoError(f"{path}: the video has no frames")
+        duration = total / rate
+        indices = sample_frame_indices(total, rate, duration, fps, max_frames, skip_secs)
+        try:
+            decoded = _decode(container, stream, pts, keys, indices)
+        except av.FFmpegError as e:
+            raise VideoError(f"{path}: the video is corrupt ({e.strerror or type(e).__name__})") from None
+        if not decoded:
+            raise VideoError(f"{path}: no frame could be decoded (truncated or corrupt video)")
+        frames = np.stack([_upright(f.to_ndarray(format="rgb24"), f.rotation) for f in decoded])
+    finally:
+        container.close()
+    return VideoFrames(str(path), frames, indices[: len(frames)], rate, total, duration)
+
+
+def _upright(rgb: np.ndarray, rotation: float) -> np.ndarray:
+    # The display matrix turns the stored frame counterclockwise by `rotation` degrees.
+    k = int(round(rotation / 90)) % 4
+    return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
+
+
+def resized_shape(height: int, width: int, longest_edge: int) -> tuple[int, int]:
+    """The reference's first resize: longest edge to `longest_edge`, the other even."""
+    side = min(MAX_IMAGE_SIZE, longest_edge)
+    if width >= height:
+        h, w = int(side / (width / height)), side
+        h += h % 2
+    else:
+        h, w = side, int(side * (width / height))
+        w += w % 2
+    return max(h, 1), max(w, 1)
+
+
+def resize_frames(frames: np.ndarray, longest_edge: int, frame_size: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, frame_size, frame_size, 3) uint8, Lanczos twice as the reference."""
+    h, w = resized_shape(*frames.shape[1:3], longest_edge)
+    out = np.empty((len(frames), frame_size, frame_size, 3), np.uint8)
+    for i, f in enumerate(frames):
+        # One frame at a time: the reference's first resize may upscale a whole
+        # clip to 2048 px, which would hold gigabytes for 64 frames.
+        img = Image.fromarray(f).resize((w, h), Image.Resampling.LANCZOS)
+        out[i] = np.asarray(img.resize((frame_size, frame_size), Image.Resampling.LANCZOS))
+    return out
+
+
+def frame_pixels(frames: np.ndarray, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), rescale=1 / 255) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), rescale and normalize fused as the reference."""
+    m = np.float32(np.array(mean, np.float32) / np.float32(rescale))
+    s = np.float32(np.array(std, np.float32) / np.float32(rescale))
+    x = frames.astype(np.float32).transpose(0, 3, 1, 2)
+    return (x - m[:, None, None]) / s[:, None, None]
+
+
+def video_prompt(
+    video: VideoFrames,
+    image_seq_len: int,
+    image_token: str = "<image>",
+    fake_token: str = "<fake_token_around_image>",
+    global_token: str = "<global-img>",
+) -> str:
+    """The text that replaces one `<video>`: intro, a timestamped image block per frame, outro."""
+    from num2words import num2words
+
+    block = f"{fake_token}{global_token}{image_token * image_seq_len}{fake_token}"
+    text = VIDEO_INTRO.format(
+        frame_count=num2words(len(video.indices)), video_duration=str(timedelta(seconds=int(video.duration)))
+    )
+    for t in video.timestamps:
+        text += FRAME_TIMESTAMP.format(timestamp=f"{int(t // 60):02d}:{int(t % 60):02d}") + block
+    return text + MEDIA_OUTRO
