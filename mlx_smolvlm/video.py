@@ -9,7 +9,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 # Strings of transformers' processing_smolvlm.py; the model was trained on them.
 VIDEO_INTRO = "You are provided the following series of {frame_count} frames from a {video_duration} [H:MM:SS] video.\n"
@@ -185,22 +184,73 @@ def resized_shape(height: int, width: int, longest_edge: int) -> tuple[int, int]
     return max(h, 1), max(w, 1)
 
 
+def _lanczos(x: np.ndarray) -> np.ndarray:
+    # Lanczos-3: sinc(x) * sinc(x / 3) on [-3, 3)
+    return np.where((x >= -3) & (x < 3), np.sinc(x) * np.sinc(x / 3), 0.0)
+
+
+def _axis_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Source indices, int weights and their fixed-point shift for one axis.
+
+    torch's uint8 antialiased resize (what the reference runs on frames): Pillow's
+    support and weights, normalized in float64, then rounded to int16 with as many
+    fraction bits as the largest weight allows.
+    """
+    scale = in_size / out_size
+    support = 3.0 * scale if scale >= 1 else 3.0
+    inv = 1 / scale if scale >= 1 else 1.0
+    taps = int(np.ceil(support)) * 2 + 1
+    idx = np.zeros((out_size, taps), np.int64)
+    w = np.zeros((out_size, taps))
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        n = min(int(center + support + 0.5), in_size) - lo
+        ww = _lanczos((np.arange(n) + lo - center + 0.5) * inv)
+        idx[i, :n], idx[i, n:] = lo + np.arange(n), lo
+        w[i, :n] = ww / ww.sum()
+    bits = next(b for b in range(23) if b == 22 or int(0.5 + w.max() * (1 << (b + 1))) >= 1 << 15)
+    q = np.trunc(w * (1 << bits) + np.where(w < 0, -0.5, 0.5)).astype(np.int32)
+    return idx, q, bits
+
+
+def _resample(x: np.ndarray, size: int, axis: int) -> np.ndarray:
+    if x.shape[axis] == size:
+        return x
+    idx, q, bits = _axis_taps(x.shape[axis], size)
+    x = np.ascontiguousarray(np.moveaxis(x, axis, 0), np.int32)
+    acc = np.full((size, *x.shape[1:]), 1 << (bits - 1), np.int32)
+    tmp = np.empty_like(acc)
+    extra = (slice(None),) + (None,) * (x.ndim - 1)
+    for t in range(idx.shape[1]):
+        np.take(x, idx[:, t], axis=0, out=tmp)
+        tmp *= q[:, t][extra]
+        acc += tmp
+    acc >>= bits
+    return np.moveaxis(np.clip(acc, 0, 255).astype(np.uint8), 0, axis)
+
+
+def resize_lanczos(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 (H, W, C) -> (height, width, C), bit-exact with torch's Lanczos (antialias) on uint8."""
+    return _resample(_resample(image, width, 1), height, 0)
+
+
 def resize_frames(frames: np.ndarray, longest_edge: int, frame_size: int) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, frame_size, frame_size, 3) uint8, Lanczos twice as the reference."""
+    """(N, H, W, 3) uint8 -> (N, frame_size, frame_size, 3) uint8, resized twice as the reference."""
     h, w = resized_shape(*frames.shape[1:3], longest_edge)
     out = np.empty((len(frames), frame_size, frame_size, 3), np.uint8)
     for i, f in enumerate(frames):
         # One frame at a time: the reference's first resize may upscale a whole
         # clip to 2048 px, which would hold gigabytes for 64 frames.
-        img = Image.fromarray(f).resize((w, h), Image.Resampling.LANCZOS)
-        out[i] = np.asarray(img.resize((frame_size, frame_size), Image.Resampling.LANCZOS))
+        out[i] = resize_lanczos(resize_lanczos(f, h, w), frame_size, frame_size)
     return out
 
 
 def frame_pixels(frames: np.ndarray, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), rescale=1 / 255) -> np.ndarray:
     """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), rescale and normalize fused as the reference."""
-    m = np.float32(np.array(mean, np.float32) / np.float32(rescale))
-    s = np.float32(np.array(std, np.float32) / np.float32(rescale))
+    # float32 mean * (1 / rescale): 127.5 exactly for mean 0.5, as torch computes it
+    m = np.array(mean, np.float32) * np.float32(1 / rescale)
+    s = np.array(std, np.float32) * np.float32(1 / rescale)
     x = frames.astype(np.float32).transpose(0, 3, 1, 2)
     return (x - m[:, None, None]) / s[:, None, None]
 

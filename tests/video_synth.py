@@ -5,6 +5,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+BITS = 12  # index blocks per frame: up to 4095 frames
+
 # name: (seconds, fps, width, height, codec, pix_fmt, display rotation in degrees)
 VIDEOS = {
     "short_24fps": (3, 24, 96, 64, "libx264", "yuv420p", 0),
@@ -17,14 +19,14 @@ VIDEOS = {
 
 
 def frame_image(i: int, width: int, height: int) -> np.ndarray:
-    """Frame `i`: its index as 8 black/white blocks on top, a colour ramp keyed to i below."""
+    """Frame `i`: its index as 12 black/white blocks on top, a colour ramp keyed to i below."""
     img = np.empty((height, width, 3), np.uint8)
     y, x = np.mgrid[0:height, 0:width]
     img[..., 0] = (x * 255 // max(width - 1, 1) + 7 * i) % 256
     img[..., 1] = (y * 255 // max(height - 1, 1) + 3 * i) % 256
     img[..., 2] = (11 * i) % 256
-    bw = max(width // 8, 1)
-    for b in range(8):
+    bw = max(width // BITS, 1)
+    for b in range(BITS):
         img[: height // 4, b * bw : (b + 1) * bw] = 255 if (i >> b) & 1 else 0
     return img
 

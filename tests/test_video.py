@@ -1,0 +1,207 @@
+"""SmolVLM2 video: decoding, frame sampling, frame pixels and the video prompt against
+transformers' SmolVLMVideoProcessor / SmolVLMProcessor (goldens from scripts/make_video_golden.py).
+
+Pixels are exact: the reference resizes uint8 frames with torch's native Lanczos (antialias)
+kernel, which video.resize_lanczos reproduces (int16 fixed-point weights); Pillow's Lanczos
+would differ by up to 4/255 on a few percent of values.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from video_synth import BITS, VIDEOS, frame_image, make_all, make_video
+
+from mlx_smolvlm.video import (
+    VideoError,
+    VideoFrames,
+    VideoOptions,
+    frame_pixels,
+    load_video,
+    resize_frames,
+    sample_frame_indices,
+    video_prompt,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "video"
+GOLDEN = json.loads((FIXTURES / "golden.json").read_text())
+ARRAYS = np.load(FIXTURES / "golden.npz")
+REAL = VideoOptions.from_config(
+    {"size": {"longest_edge": 2048}, "max_image_size": {"longest_edge": 512},
+     "video_sampling": {"fps": 1, "max_frames": 64, "video_size": {"longest_edge": 512}}}
+)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    return make_all(tmp_path_factory.mktemp("videos"))
+
+
+def frame_index(frame: np.ndarray) -> int:
+    """Read back the index video_synth drew as black/white blocks."""
+    h, w = frame.shape[:2]
+    bw = max(w // BITS, 1)
+    blocks = [frame[: h // 4, b * bw : (b + 1) * bw].mean() > 127 for b in range(BITS)]
+    return sum(1 << b for b, on in enumerate(blocks) if on)
+
+
+def _reference_pyav(path, indices):
+    try:
+        from transformers.video_utils import read_video_pyav
+    except ImportError:
+        return None
+    frames, _ = read_video_pyav(str(path), lambda metadata, **k: np.array(indices))
+    return frames
+
+
+def test_sampling_table():
+    for total, vfps, fps, max_frames, skip, expected in GOLDEN["sampling"]:
+        got = sample_frame_indices(total, vfps, total / vfps, fps, max_frames, skip)
+        assert got.tolist() == expected, (total, vfps, fps, max_frames, skip)
+
+
+def test_options_from_config():
+    # As SmolVLMVideoProcessor: `size` overrides `video_sampling.video_size`.
+    assert (REAL.fps, REAL.max_frames, REAL.longest_edge, REAL.frame_size) == (1, 64, 2048, 512)
+    only_sampling = VideoOptions.from_config(
+        {"video_sampling": {"fps": 2, "max_frames": 8, "video_size": {"longest_edge": 384}},
+         "max_image_size": {"longest_edge": 384}}, max_frames=4
+    )
+    assert (only_sampling.fps, only_sampling.max_frames, only_sampling.longest_edge) == (2, 4, 384)
+
+
+@pytest.mark.parametrize("name", list(VIDEOS))
+def test_decode_matches_reference(videos, name):
+    ref = GOLDEN["videos"][name]
+    v = load_video(videos[name], fps=1, max_frames=64)
+    assert v.indices.tolist() == ref["indices"]
+    assert v.timestamps == pytest.approx(ref["timestamps"])
+    assert (v.duration, v.fps, v.total_frames) == (ref["duration"], ref["fps"], ref["total_frames"])
+    rotation = VIDEOS[name][-1]
+    stored = [np.rot90(f, -rotation // 90) for f in v.frames]  # undo our upright turn
+    # The frames are the sampled ones (read back from their drawn index) ...
+    assert [frame_index(f) for f in stored] == ref["indices"]
+    # ... and the reference's pixels: live through transformers' PyAV reader when it is
+    # installed, else from the golden when this PyAV's encoder wrote the golden's bytes.
+    live = _reference_pyav(videos[name], ref["indices"])
+    if live is not None:
+        assert np.array_equal(np.stack(stored), live)
+    if hashlib.md5(videos[name].read_bytes()).hexdigest() == ref["md5"] and f"{name}/decoded" in ARRAYS:
+        assert np.array_equal(np.stack(stored), ARRAYS[f"{name}/decoded"])
+    print(f"{name}: indices match; pixels equal live reference: {live is not None}")
+
+
+def test_rotation_is_applied(videos):
+    v = load_video(videos["rotated_90"], fps=1, max_frames=2)
+    assert v.frames.shape[1:] == (96, 64, 3)  # stored 96x64 landscape, shown portrait
+    w, h = VIDEOS["rotated_90"][2:4]
+    expected = np.rot90(frame_image(int(v.indices[0]), w, h), 1)
+    assert np.abs(v.frames[0].astype(int) - expected).mean() < 4
+
+
+def _compare(ours, ref, label):
+    d = np.abs(ours.astype(int) - ref.astype(int))
+    print(f"{label}: u8 max diff {d.max()}")
+    assert d.max() == 0
+
+
+@pytest.mark.parametrize("name", [n for n in VIDEOS if n != "long_30fps"])
+def test_resize_matches_reference(name):
+    decoded = ARRAYS[f"{name}/decoded"]
+    ours = resize_frames(decoded, longest_edge=160, frame_size=48)
+    _compare(ours, ARRAYS[f"{name}/small"], f"{name} 160 -> 48")
+
+
+def test_real_config_resize_matches_reference():
+    # 96x64 -> 2048x1366 (even) -> 512x512, as the 256M/500M configs do
+    ours = resize_frames(ARRAYS["short_24fps/decoded"][:1], REAL.longest_edge, REAL.frame_size)
+    _compare(ours, ARRAYS["short_24fps/real"], "short_24fps 2048 -> 512")
+
+
+def test_frame_pixels_exact():
+    u8 = ARRAYS["short_24fps/small"]
+    pv = frame_pixels(u8)
+    assert pv.dtype == np.float32 and pv.shape == (3, 3, 48, 48)
+    # The reference normalizes uint8 x as (x - 127.5) / 127.5 in float32 (fused rescale).
+    expected = (u8.astype(np.float32).transpose(0, 3, 1, 2) - np.float32(127.5)) / np.float32(127.5)
+    assert np.array_equal(pv, expected)
+
+
+def test_video_prompt_layout():
+    v = VideoFrames("x.mp4", np.zeros((3, 4, 4, 3), np.uint8), np.array([0, 35, 71]), 24.0, 72, 3.0)
+    text = video_prompt(v, image_seq_len=2)
+    block = "<fake_token_around_image><global-img><image><image><fake_token_around_image>"
+    assert text == (
+        "You are provided the following series of three frames from a 0:00:03 [H:MM:SS] video.\n"
+        f"\nFrame from 00:00:{block}\nFrame from 00:01:{block}\nFrame from 00:02:{block}\n\n"
+    )
+    long = VideoFrames("y.mp4", np.zeros((1, 4, 4, 3), np.uint8), np.array([3700 * 30]), 30.0, 4000 * 30, 4000.0)
+    assert "one frames from a 1:06:40 [H:MM:SS]" in video_prompt(long, 1)
+    assert "Frame from 61:40:" in video_prompt(long, 1)
+
+
+# --- bad input: every failure names the file and the problem
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(VideoError, match="nope.mp4: no such video file"):
+        load_video(tmp_path / "nope.mp4")
+
+
+def test_empty_file(tmp_path):
+    with pytest.raises(VideoError, match="empty.mp4: the file is empty"):
+        load_video(_write(tmp_path / "empty.mp4", b""))
+
+
+def test_corrupt_file(tmp_path):
+    junk = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    with pytest.raises(VideoError, match="junk.mp4: not a readable video"):
+        load_video(_write(tmp_path / "junk.mp4", junk))
+
+
+def test_truncated_file(tmp_path, videos):
+    data = videos["short_24fps"].read_bytes()
+    for keep in (len(data) // 2, 200):
+        path = _write(tmp_path / f"cut{keep}.mp4", data[:keep])
+        with pytest.raises(VideoError, match=f"cut{keep}.mp4: "):
+            load_video(path)
+
+
+def test_truncated_stream_keeps_what_decodes(tmp_path):
+    # A Matroska file cut short still opens; the frames that survive are used.
+    path = make_video(tmp_path / "clip.mkv", 3, 24, 64, 48)
+    cut = _write(tmp_path / "cut.mkv", path.read_bytes()[: path.stat().st_size * 2 // 3])
+    v = load_video(cut, fps=1)
+    assert len(v.frames) >= 1
+    assert [frame_index(f) for f in v.frames] == v.indices.tolist()
+
+
+def test_audio_only(tmp_path):
+    path = tmp_path / "tone.m4a"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for p in s.encode(frame):
+            c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    with pytest.raises(VideoError, match="tone.m4a: has no video stream"):
+        load_video(path)
+
+
+def test_zero_length_video(tmp_path):
+    path = tmp_path / "zero.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=24)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    with pytest.raises(VideoError, match="zero.mp4: "):
+        load_video(path)
