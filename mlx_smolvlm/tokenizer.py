@@ -51,7 +51,7 @@ class Tokenizer:
             eos = self.special_tokens.get("eos_token")
             eos_token_ids = [] if eos is None else [self.convert_tokens_to_ids(eos)]
         self.eos_token_ids = {int(i) for i in eos_token_ids if i is not None}
-        self._template = None
+        self._templates = {}
 
     def __getattr__(self, name):
         # `tok.image_token`, `tok.eos_token`... as transformers' tokenizers expose them
@@ -93,22 +93,29 @@ class Tokenizer:
             return self.backend.token_to_id(tokens)
         return [self.backend.token_to_id(t) for t in tokens]
 
-    def apply_chat_template(self, messages, add_generation_prompt=False, **kwargs):
-        """Render `messages` with the checkpoint's own Jinja chat template."""
-        if self.chat_template is None:
+    def apply_chat_template(
+        self, messages, add_generation_prompt=False, chat_template=None, **kwargs
+    ):
+        """Render `messages` with the checkpoint's own Jinja chat template (or `chat_template`)."""
+        source = chat_template or self.chat_template
+        if source is None:
             raise TokenizerError("this tokenizer has no chat template")
-        if self._template is None:
-            self._template = _template_env().from_string(self.chat_template)
-        return self._template.render(
+        if source not in self._templates:
+            self._templates[source] = _template_env().from_string(source)
+        return self._templates[source].render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             **{**self.special_tokens, **kwargs},
         )
 
 
-def _read_json(path):
+def read_json(path):
+    """A checkpoint JSON file as a dict; {} when the file is absent."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
 
@@ -119,15 +126,13 @@ def _token_content(value):
 
 
 def read_chat_template(path):
-    """The chat template of a folder: chat_template.jinja, chat_template.json or tokenizer_config."""
+    """A folder's chat template: chat_template.jinja, chat_template.json or tokenizer_config."""
     path = Path(path)
     if (path / "chat_template.jinja").is_file():
         return (path / "chat_template.jinja").read_text()
     if (path / "chat_template.json").is_file():
-        return _read_json(path / "chat_template.json").get("chat_template")
-    if (path / "tokenizer_config.json").is_file():
-        return _read_json(path / "tokenizer_config.json").get("chat_template")
-    return None
+        return read_json(path / "chat_template.json").get("chat_template")
+    return read_json(path / "tokenizer_config.json").get("chat_template")
 
 
 def load_tokenizer(path):
@@ -136,12 +141,10 @@ def load_tokenizer(path):
     if not (path / "tokenizer.json").is_file():
         raise TokenizerError(f"{path}: no tokenizer.json")
     backend = _Backend.from_file(str(path / "tokenizer.json"))
-    config = {}
-    if (path / "tokenizer_config.json").is_file():
-        config = _read_json(path / "tokenizer_config.json")
+    config = read_json(path / "tokenizer_config.json")
     special = {}
     for name, value in config.items():
-        if name.endswith("_token") and _token_content(value) is not None:
+        if name.endswith("_token") and isinstance(_token_content(value), str):
             special[name] = _token_content(value)
     for name, value in (config.get("extra_special_tokens") or {}).items():
         special[name] = _token_content(value)
@@ -149,9 +152,8 @@ def load_tokenizer(path):
     eos_ids = set()
     if special.get("eos_token") is not None:
         eos_ids.add(backend.token_to_id(special["eos_token"]))
-    if (path / "generation_config.json").is_file():
-        eos = _read_json(path / "generation_config.json").get("eos_token_id")
-        eos_ids.update(eos if isinstance(eos, list) else [eos])
+    eos = read_json(path / "generation_config.json").get("eos_token_id")
+    eos_ids.update(eos if isinstance(eos, list) else [eos])
     return Tokenizer(backend, read_chat_template(path), special, eos_ids)
 
 
@@ -213,9 +215,8 @@ def tokenizer_from_gguf(path):
     if md.get("tokenizer.ggml.pre") not in ("smollm", None):
         # other byte-level vocabularies: GPT-2's regex alone
         split = []
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        split + [pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)]
-    )
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(split + [byte_level])
     backend.post_processor = processors.ByteLevel(
         add_prefix_space=True, trim_offsets=False, use_regex=True
     )
