@@ -75,11 +75,15 @@ class Model(nn.Module):
         is_image = input_ids == self.config.image_token_id
         real, n_tokens = np.array((pixels != 0).any(axis=(1, 2, 3))), is_image.sum().item()
         real_idx = np.flatnonzero(real)
-        n_rows = len(real_idx) * self.config.image_seq_len
+        # Rows per image follow the pixel size (video frames may be smaller than a tile).
+        per_image = (H // self.config.vision_config.patch_size // self.config.scale_factor) * (
+            W // self.config.vision_config.patch_size // self.config.scale_factor
+        )
+        n_rows = len(real_idx) * per_image
         if n_tokens != n_rows:
             raise ValueError(
                 f"input_ids hold {n_tokens} image tokens but the {len(real_idx)} image(s) give "
-                f"{n_rows} feature rows ({self.config.image_seq_len} per image): the prompt and "
+                f"{n_rows} feature rows ({per_image} per image): the prompt and "
                 "the pixel values do not belong together"
             )
         if n_rows == 0:

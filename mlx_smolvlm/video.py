@@ -15,6 +15,16 @@ VIDEO_INTRO = "You are provided the following series of {frame_count} frames fro
 FRAME_TIMESTAMP = "\nFrame from {timestamp}:"
 MEDIA_OUTRO = "\n\n"
 MAX_IMAGE_SIZE = 4096
+# transformers' SmolVLM2 DEFAULT_CHAT_TEMPLATE: the reference renders any conversation that
+# holds a video with it, whatever template the checkpoint ships.
+CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}"
+    "{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
 
 
 class VideoError(ValueError):
@@ -255,20 +265,21 @@ def frame_pixels(frames: np.ndarray, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), 
     return (x - m[:, None, None]) / s[:, None, None]
 
 
-def video_prompt(
-    video: VideoFrames,
-    image_seq_len: int,
-    image_token: str = "<image>",
-    fake_token: str = "<fake_token_around_image>",
-    global_token: str = "<global-img>",
-) -> str:
-    """The text that replaces one `<video>`: intro, a timestamped image block per frame, outro."""
+def video_pixels(video: VideoFrames, options: VideoOptions, mean=(0.5,) * 3, std=(0.5,) * 3, rescale=1 / 255):
+    """The frames as the vision tower takes them: float32 (N, 3, frame_size, frame_size)."""
+    return frame_pixels(resize_frames(video.frames, options.longest_edge, options.frame_size), mean, std, rescale)
+
+
+def video_prompt(video: VideoFrames, frame_block: str) -> str:
+    """The text that replaces one `<video>`: intro, per frame a timestamp and `frame_block`
+    (the unsplit-image block of the frame's tokens), outro."""
     from num2words import num2words
 
-    block = f"{fake_token}{global_token}{image_token * image_seq_len}{fake_token}"
+    # The reference writes the padded frame count of the whole batch here; with several
+    # videos of different lengths that miscounts, so each video states its own count.
     text = VIDEO_INTRO.format(
         frame_count=num2words(len(video.indices)), video_duration=str(timedelta(seconds=int(video.duration)))
     )
     for t in video.timestamps:
-        text += FRAME_TIMESTAMP.format(timestamp=f"{int(t // 60):02d}:{int(t % 60):02d}") + block
+        text += FRAME_TIMESTAMP.format(timestamp=f"{int(t // 60):02d}:{int(t % 60):02d}") + frame_block
     return text + MEDIA_OUTRO

@@ -132,15 +132,14 @@ def test_frame_pixels_exact():
 
 def test_video_prompt_layout():
     v = VideoFrames("x.mp4", np.zeros((3, 4, 4, 3), np.uint8), np.array([0, 35, 71]), 24.0, 72, 3.0)
-    text = video_prompt(v, image_seq_len=2)
     block = "<fake_token_around_image><global-img><image><image><fake_token_around_image>"
-    assert text == (
+    assert video_prompt(v, block) == (
         "You are provided the following series of three frames from a 0:00:03 [H:MM:SS] video.\n"
         f"\nFrame from 00:00:{block}\nFrame from 00:01:{block}\nFrame from 00:02:{block}\n\n"
     )
     long = VideoFrames("y.mp4", np.zeros((1, 4, 4, 3), np.uint8), np.array([3700 * 30]), 30.0, 4000 * 30, 4000.0)
-    assert "one frames from a 1:06:40 [H:MM:SS]" in video_prompt(long, 1)
-    assert "Frame from 61:40:" in video_prompt(long, 1)
+    assert "one frames from a 1:06:40 [H:MM:SS]" in video_prompt(long, "")
+    assert "Frame from 61:40:" in video_prompt(long, "")
 
 
 # --- bad input: every failure names the file and the problem
@@ -205,3 +204,92 @@ def test_zero_length_video(tmp_path):
         s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
     with pytest.raises(VideoError, match="zero.mp4: "):
         load_video(path)
+
+
+# --- the processor: video prompt, mixed content, controls
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    from make_tokenizer import write_processor_folder
+
+    from mlx_smolvlm.processing import load_processor
+
+    return load_processor(write_processor_folder(tmp_path_factory.mktemp("proc"), "smolvlm2", 512, 64))
+
+
+@pytest.fixture(scope="module")
+def fast_processor(processor):
+    # input_ids do not depend on the first resize's size; 128 instead of 2048 keeps the
+    # 64-frame cases fast (the resize itself is checked above against the reference)
+    from copy import copy
+
+    fast = copy(processor)
+    fast.video_options = VideoOptions(longest_edge=128)
+    return fast
+
+
+def _messages(case, videos, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "ramp.png"
+    Image.fromarray(ARRAYS["image"]).save(image)
+    messages = json.loads(json.dumps(GOLDEN["prompts"][case]["messages"]))
+    for m in messages:
+        for block in m["content"]:
+            if block["type"] == "video":
+                block["path"] = str(videos[block["path"]])
+            elif block["type"] == "image":
+                block["path"] = str(image)
+    return messages
+
+
+@pytest.mark.parametrize("case", ["one_video", "video_then_image", "later_turn", "two_videos"])
+def test_prompt_matches_reference(fast_processor, videos, tmp_path, case):
+    processor = fast_processor
+    golden = GOLDEN["prompts"][case]
+    expected = golden["input_ids"]
+    if case == "two_videos":
+        # The reference states the batch's padded frame count (64) in the 3-frame video's
+        # intro; we state each video's own count. Everything else is identical.
+        text = processor.tokenizer.decode(expected).replace("sixty-four frames from a 0:00:03", "three frames from a 0:00:03", 1)
+        expected = processor.tokenizer.encode(text)
+    out = processor(_messages(case, videos, tmp_path))
+    assert out["input_ids"][0].tolist() == expected
+    n_frames = sum(len(GOLDEN["videos"][v]["indices"]) for v in golden["videos"])
+    n_tiles = 13 * golden["images"]  # the 50x30 ramp: 3x4 tiles + global at longest edge 2048
+    assert out["pixel_values"].shape == (1, n_frames + n_tiles, 3, 512, 512)
+    assert out["pixel_attention_mask"].all()
+    n_tokens = int((out["input_ids"] == processor.image_token_id).sum())
+    assert n_tokens == 64 * (n_frames + n_tiles)
+
+
+def test_frames_in_prompt_order(processor, fast_processor, videos, tmp_path):
+    # video, then image: the first 3 planes are the video's frames, exact reference pixels
+    out = processor(_messages("video_then_image", videos, tmp_path))
+    frame0 = (ARRAYS["short_24fps/real"][0].astype(np.float32).transpose(2, 0, 1) - 127.5) / 127.5
+    assert np.array_equal(out["pixel_values"][0, 0], frame0)
+    later = fast_processor(_messages("later_turn", videos, tmp_path))
+    assert np.array_equal(later["pixel_values"][0, 13:], fast_processor(
+        [{"role": "user", "content": [{"type": "video", "path": str(videos["long_30fps"])}]}]
+    )["pixel_values"][0])
+
+
+def test_video_controls(fast_processor, videos):
+    processor = fast_processor
+    messages = [{"role": "user", "content": [{"type": "video", "path": str(videos["long_30fps"])},
+                                             {"type": "text", "text": "Summarize."}]}]
+    out = processor(messages, fps=0.5, max_frames=8, frame_size=256)
+    assert out["pixel_values"].shape == (1, 8, 3, 256, 256)
+    assert int((out["input_ids"] == processor.image_token_id).sum()) == 8 * 16
+    text = processor.tokenizer.decode(out["input_ids"][0].tolist())
+    assert "series of eight frames from a 0:01:10" in text
+    with pytest.raises(ValueError, match="frame_size must be a multiple of 64"):
+        processor(messages, frame_size=100)
+
+
+def test_video_count_mismatch(processor, videos):
+    with pytest.raises(ValueError, match="1 <video> placeholder"):
+        processor("<video> and <video>".replace(" and <video>", ""), videos=[])
+    with pytest.raises(VideoError, match="gone.mp4: no such video file"):
+        processor([{"role": "user", "content": [{"type": "video", "path": "gone.mp4"}]}])
