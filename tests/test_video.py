@@ -13,6 +13,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from test_model import max_rel_diff
 from video_synth import BITS, VIDEOS, frame_image, make_all, make_video
 
 from mlx_smolvlm.video import (
@@ -293,3 +294,85 @@ def test_video_count_mismatch(processor, videos):
         processor("<video> and <video>".replace(" and <video>", ""), videos=[])
     with pytest.raises(VideoError, match="gone.mp4: no such video file"):
         processor([{"role": "user", "content": [{"type": "video", "path": "gone.mp4"}]}])
+
+
+# --- end to end: greedy tokens of a tiny random SmolVLM2 on a video prompt equal transformers'
+
+GENERATION = FIXTURES / "generation.json"  # written by `PYTHONPATH=.:tests:scripts python tests/test_video.py`
+TINY = Path(__file__).parent / "fixtures" / "tiny-smolvlm"
+STEPS = 8
+
+
+def _tiny_inputs(videos, tmp_path, **controls):
+    from make_tokenizer import write_processor_for_model
+
+    from mlx_smolvlm.processing import load_processor
+
+    config = json.loads((TINY / "config.json").read_text())
+    proc = load_processor(write_processor_for_model(tmp_path / "tiny", config))
+    messages = [{"role": "user", "content": [
+        {"type": "video", "path": str(videos["short_24fps"])},
+        {"type": "text", "text": "What is in this video?"},
+    ]}]
+    return proc(messages, **controls)
+
+
+def _our_greedy(inputs):
+    import mlx.core as mx
+
+    from mlx_smolvlm.cache import make_prompt_cache
+    from mlx_smolvlm.loading import load_model
+
+    model = load_model(TINY)
+    cache = make_prompt_cache(model)
+    logits = model(*(mx.array(inputs[k]) for k in ("input_ids", "pixel_values", "pixel_attention_mask")),
+                   cache=cache)
+    last, tokens = np.array(logits[0, -1]), []
+    for _ in range(STEPS):
+        y = logits[:, -1].argmax(-1)
+        tokens.append(y.item())
+        logits = model(y[:, None], cache=cache)
+    return {"tokens": tokens, "logits": last}
+
+
+def _reference_greedy(inputs):
+    try:
+        import torch
+        from make_golden import load_reference
+    except ImportError:
+        return None
+    model = load_reference(TINY)
+    model.generation_config.eos_token_id = None  # compare a fixed number of steps
+    t = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    with torch.no_grad():
+        out = model.generate(**t, max_new_tokens=STEPS, do_sample=False)
+        logits = model(**t).logits[0, -1]
+    return {"tokens": out[0, inputs["input_ids"].shape[1] :].tolist(), "logits": logits.tolist()}
+
+
+@pytest.mark.parametrize("case,controls", [("default", {}), ("frame_size_24", {"frame_size": 24})])
+def test_greedy_video_generation_matches_transformers(videos, tmp_path, case, controls):
+    inputs = _tiny_inputs(videos, tmp_path, **controls)
+    ours = _our_greedy(inputs)
+    ref = _reference_greedy(inputs)
+    stored = json.loads(GENERATION.read_text())[case] if GENERATION.exists() else None
+    for source, other in (("transformers", ref), ("golden", stored)):
+        if other is not None:
+            diff = max_rel_diff(ours["logits"], other["logits"])
+            print(f"{case} vs {source}: last-position logits max rel diff {diff:.2e} (tol 1e-4); "
+                  f"tokens {ours['tokens']}")
+            assert diff <= 1e-4
+            assert ours["tokens"] == other["tokens"]
+    assert ref is not None or stored is not None
+
+
+if __name__ == "__main__":
+    # writes tests/fixtures/video/generation.json (needs torch + transformers)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        vids = make_all(d)
+        cases = {"default": {}, "frame_size_24": {"frame_size": 24}}
+        out = {c: _reference_greedy(_tiny_inputs(vids, Path(d), **k)) for c, k in cases.items()}
+    GENERATION.write_text(json.dumps(out))
+    print(out)
