@@ -3,7 +3,7 @@ reference token layout, tokenization and pixels. No torch or transformers at run
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,7 @@ class Preflight:
     images: list  # ImagePlan per image
     image_seq_len: int
     prompt_tokens: list  # tokens each expanded placeholder adds to the prompt
+    videos: list = field(default_factory=list)  # (VideoFrames, image tokens, prompt tokens)
 
     @property
     def tiles(self):
@@ -87,9 +88,16 @@ class Preflight:
             f"({t} prompt tokens)"
             for i, (p, n, t) in enumerate(zip(self.images, self.image_tokens, self.prompt_tokens))
         ]
+        for i, (v, n, t) in enumerate(self.videos):
+            lines.append(
+                f"video {i}: {v.path}: {v.duration:.1f} s at {v.fps:g} fps -> {len(v.indices)} frames, "
+                f"{n} image tokens ({t} prompt tokens)"
+            )
+        frames = sum(len(v.indices) for v, _, _ in self.videos)
         lines.append(
-            f"total: {self.total_tiles} tiles, {self.total_image_tokens} image tokens "
-            f"({sum(self.prompt_tokens)} prompt tokens)"
+            f"total: {self.total_tiles} tiles{f' + {frames} frames' if self.videos else ''}, "
+            f"{self.total_image_tokens + sum(n for _, n, _ in self.videos)} image tokens "
+            f"({sum(self.prompt_tokens) + sum(t for _, _, t in self.videos)} prompt tokens)"
         )
         return "\n".join(lines)
 
@@ -153,10 +161,13 @@ class Processor:
         if images and self.image_processor is None:
             raise ValueError("this model has no image processor: it takes text only")
 
-    def preflight(self, messages_or_images, **controls):
-        """Tiles and image tokens per image and in total, from image headers only."""
+    def preflight(self, messages_or_images, videos=None, **controls):
+        """Tiles, frames and image tokens per image, per video and in total, from image
+        headers and video containers only (nothing is decoded)."""
+        video_controls = {k: controls.pop(k) for k in VIDEO_CONTROLS if k in controls}
         if messages_or_images and isinstance(messages_or_images[0], dict):
             sources = message_images(messages_or_images)
+            videos = message_images(messages_or_images, "video") if videos is None else videos
         else:
             sources = list(messages_or_images)
         if sources and self.image_processor is None:
@@ -165,7 +176,14 @@ class Processor:
             self.image_processor.plan(*_upright_size(s, self.timeout), **controls) for s in sources
         ]
         lengths = [len(self.tokenizer.encode(self._image_prompt(p))) for p in plans]
-        return Preflight(plans, self.image_seq_len, lengths)
+        probed = []
+        if videos:
+            options, block = self._video_setup(video_controls, self.image_processor.tile_size if sources else 0)
+        for source in videos or []:
+            v = load_video(source, options.fps, options.max_frames, options.skip_secs, decode=False)
+            text = video_prompt(v, block)
+            probed.append((v, text.count(self.image_token), len(self.tokenizer.encode(text))))
+        return Preflight(plans, self.image_seq_len, lengths, probed)
 
     def _image_prompt(self, plan):
         return image_prompt(plan.rows, plan.cols, self.image_seq_len, **self.image_tokens)
@@ -207,24 +225,29 @@ class Processor:
             raise ValueError(
                 f"the prompt has {n} {VIDEO_TOKEN} placeholder(s) but {len(videos)} video(s) were given"
             )
-        if videos and self.image_processor is None:
-            raise ValueError("this model has no image processor: it takes text only")
-        options = VideoOptions(**{**vars(self.video_options), **controls})
-        ip = self.image_processor
-        unit = ip.tile_size // math.isqrt(self.image_seq_len)  # patch size x scale factor
-        if not (0 < options.frame_size <= ip.tile_size and options.frame_size % unit == 0):
-            raise ValueError(f"frame_size must be a multiple of {unit} up to {ip.tile_size}, "
-                             f"got {options.frame_size}")
-        # Tokens per frame scale with its (padded) area: a smaller frame_size costs fewer.
-        side = max(options.frame_size, min_side)
-        seq_len = self.image_seq_len * side**2 // ip.tile_size**2 if videos else 0
-        block = image_prompt(0, 0, seq_len, **self.image_tokens)
-        items = []
+        if not videos:
+            return {"image": [], "video": []}
+        options, block = self._video_setup(controls, min_side)
+        ip, items = self.image_processor, []
         for source in videos:
             video = load_video(source, options.fps, options.max_frames, options.skip_secs)
             pixels = video_pixels(video, options, ip.image_mean, ip.image_std, ip.rescale_factor)
             items.append((video_prompt(video, block), pixels, np.ones(pixels[:, 0].shape, bool)))
         return {"image": [], "video": items}
+
+    def _video_setup(self, controls, min_side):
+        """Video options with `controls` applied, and the image block of one frame."""
+        if self.image_processor is None:
+            raise ValueError("this model has no image processor: it takes text only")
+        options = VideoOptions(**{**vars(self.video_options), **controls})
+        tile = self.image_processor.tile_size
+        unit = tile // math.isqrt(self.image_seq_len)  # patch size x scale factor
+        if not (0 < options.frame_size <= tile and options.frame_size % unit == 0):
+            raise ValueError(f"frame_size must be a multiple of {unit} up to {tile}, got {options.frame_size}")
+        # Tokens per frame scale with its (padded) area: a smaller frame_size costs fewer.
+        side = max(options.frame_size, min_side)
+        block = image_prompt(0, 0, self.image_seq_len * side**2 // tile**2, **self.image_tokens)
+        return options, block
 
     def _expand(self, prompt, media):
         """Replace `<image>` / `<video>` in prompt order; stack their tiles and frames,

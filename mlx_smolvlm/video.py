@@ -144,8 +144,9 @@ def _decode(container, stream, pts: list[int], keys: set[int], indices: np.ndarr
     return frames
 
 
-def load_video(path, fps: float = 1.0, max_frames: int = 64, skip_secs: float = 1.0) -> VideoFrames:
-    """Decode only the frames SmolVLM2 samples from `path`, upright, as RGB uint8."""
+def load_video(path, fps: float = 1.0, max_frames: int = 64, skip_secs: float = 1.0, decode=True) -> VideoFrames:
+    """Decode only the frames SmolVLM2 samples from `path`, upright, as RGB uint8.
+    With `decode=False` nothing is decoded: the sampled indices only (`frames` is None)."""
     import av
 
     path = Path(path)
@@ -164,6 +165,8 @@ def load_video(path, fps: float = 1.0, max_frames: int = 64, skip_secs: float = 
             raise VideoError(f"{path}: the video has no frames")
         duration = total / rate
         indices = sample_frame_indices(total, rate, duration, fps, max_frames, skip_secs)
+        if not decode:
+            return VideoFrames(str(path), None, indices, rate, total, duration)
         try:
             decoded = _decode(container, stream, pts, keys, indices)
         except av.FFmpegError as e:

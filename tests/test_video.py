@@ -376,3 +376,16 @@ if __name__ == "__main__":
         out = {c: _reference_greedy(_tiny_inputs(vids, Path(d), **k)) for c, k in cases.items()}
     GENERATION.write_text(json.dumps(out))
     print(out)
+
+
+def test_preflight_counts_frames_and_tokens(fast_processor, videos, tmp_path):
+    messages = _messages("later_turn", videos, tmp_path)
+    report = fast_processor.preflight(messages, max_frames=16)
+    out = fast_processor(messages, max_frames=16)
+    (video, n_image, n_prompt), = report.videos
+    assert len(video.indices) == 16 and video.frames is None
+    assert n_image + report.total_image_tokens == int((out["input_ids"] == fast_processor.image_token_id).sum())
+    text = str(report)
+    print(text)
+    assert "long_30fps.mp4: 70.0 s at 30 fps -> 16 frames, 1024 image tokens" in text
+    assert "total: 13 tiles + 16 frames, 1856 image tokens" in text
