@@ -60,10 +60,10 @@ class VideoOptions:
 
 @dataclass
 class VideoFrames:
-    """Sampled frames of one video: RGB uint8 (N, H, W, 3) at the decoded size."""
+    """Sampled frames of one video: RGB uint8 (N, H, W, 3) at the decoded size, upright."""
 
     path: str
-    frames: np.ndarray
+    frames: np.ndarray | None  # None when only probed (load_video(decode=False))
     indices: np.ndarray
     fps: float  # the stream's average frame rate
     total_frames: int
@@ -124,8 +124,6 @@ def _frame_pts(container, stream) -> tuple[list[int], set[int]]:
 def _decode(container, stream, pts: list[int], keys: set[int], indices: np.ndarray) -> list:
     # Seek to the keyframe before a wanted frame when that skips decoding; otherwise
     # decode on. Only the wanted frames are kept (and later converted to RGB).
-    import av
-
     key_pts = sorted(keys)
     wanted = [pts[i] for i in indices]
     frames, it, last = [], None, None

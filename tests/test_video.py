@@ -270,10 +270,12 @@ def test_frames_in_prompt_order(processor, fast_processor, videos, tmp_path):
     out = processor(_messages("video_then_image", videos, tmp_path))
     frame0 = (ARRAYS["short_24fps/real"][0].astype(np.float32).transpose(2, 0, 1) - 127.5) / 127.5
     assert np.array_equal(out["pixel_values"][0, 0], frame0)
-    later = fast_processor(_messages("later_turn", videos, tmp_path))
-    assert np.array_equal(later["pixel_values"][0, 13:], fast_processor(
-        [{"role": "user", "content": [{"type": "video", "path": str(videos["long_30fps"])}]}]
-    )["pixel_values"][0])
+    # image, then video in a later turn: the tiles first, then the frames
+    later = fast_processor(_messages("later_turn", videos, tmp_path), max_frames=4)
+    alone = fast_processor([{"role": "user", "content": [{"type": "video", "path": str(videos["long_30fps"])}]}],
+                           max_frames=4)
+    assert later["pixel_values"].shape[1] == 13 + 4
+    assert np.array_equal(later["pixel_values"][0, 13:], alone["pixel_values"][0])
 
 
 def test_video_controls(fast_processor, videos):
