@@ -6,8 +6,10 @@ tiling) and `SmolVLMProcessor.replace_video_token` (the trained video prompt).
 
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import lru_cache
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 # Strings of transformers' processing_smolvlm.py; the model was trained on them.
@@ -225,35 +227,37 @@ def _axis_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int
     return idx, q, bits
 
 
-def _resample(x: np.ndarray, size: int, axis: int) -> np.ndarray:
+@lru_cache(maxsize=16)
+def _taps(in_size: int, out_size: int) -> tuple[mx.array, mx.array, int]:
+    idx, q, bits = _axis_taps(in_size, out_size)
+    return mx.array(idx.astype(np.int32)), mx.array(q), bits
+
+
+def _resample(x: mx.array, size: int, axis: int) -> mx.array:
+    # int32 in [0, 255] -> the same along `axis` resized to `size`, rounded and clipped per
+    # pass as the reference's uint8 kernel does. MLX ops: on the GPU where there is one.
     if x.shape[axis] == size:
         return x
-    idx, q, bits = _axis_taps(x.shape[axis], size)
-    x = np.ascontiguousarray(np.moveaxis(x, axis, 0), np.int32)
-    acc = np.full((size, *x.shape[1:]), 1 << (bits - 1), np.int32)
-    tmp = np.empty_like(acc)
+    idx, q, bits = _taps(x.shape[axis], size)
+    x = mx.moveaxis(x, axis, 0)
     extra = (slice(None),) + (None,) * (x.ndim - 1)
+    acc = mx.array(1 << (bits - 1), mx.int32)
     for t in range(idx.shape[1]):
-        np.take(x, idx[:, t], axis=0, out=tmp)
-        tmp *= q[:, t][extra]
-        acc += tmp
-    acc >>= bits
-    return np.moveaxis(np.clip(acc, 0, 255).astype(np.uint8), 0, axis)
-
-
-def resize_lanczos(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 (H, W, C) -> (height, width, C), bit-exact with torch's Lanczos (antialias) on uint8."""
-    return _resample(_resample(image, width, 1), height, 0)
+        acc = acc + q[:, t][extra] * mx.take(x, idx[:, t], axis=0)
+    return mx.moveaxis(mx.clip(acc >> bits, 0, 255), 0, axis)
 
 
 def resize_frames(frames: np.ndarray, longest_edge: int, frame_size: int) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, frame_size, frame_size, 3) uint8, resized twice as the reference."""
+    """(N, H, W, 3) uint8 -> (N, frame_size, frame_size, 3) uint8, resized twice as the
+    reference: Lanczos with antialias, bit-exact with torch's uint8 kernel (separable,
+    horizontal pass first)."""
     h, w = resized_shape(*frames.shape[1:3], longest_edge)
     out = np.empty((len(frames), frame_size, frame_size, 3), np.uint8)
     for i, f in enumerate(frames):
         # One frame at a time: the reference's first resize may upscale a whole
         # clip to 2048 px, which would hold gigabytes for 64 frames.
-        out[i] = resize_lanczos(resize_lanczos(f, h, w), frame_size, frame_size)
+        x = _resample(_resample(mx.array(f).astype(mx.int32), w, 1), h, 0)
+        out[i] = np.array(_resample(_resample(x, frame_size, 1), frame_size, 0).astype(mx.uint8))
     return out
 
 

@@ -2,7 +2,7 @@
 transformers' SmolVLMVideoProcessor / SmolVLMProcessor (goldens from scripts/make_video_golden.py).
 
 Pixels are exact: the reference resizes uint8 frames with torch's native Lanczos (antialias)
-kernel, which video.resize_lanczos reproduces (int16 fixed-point weights); Pillow's Lanczos
+kernel, which video.resize_frames reproduces (int16 fixed-point weights); Pillow's Lanczos
 would differ by up to 4/255 on a few percent of values.
 """
 
