@@ -81,7 +81,7 @@ class Preflight:
 
     def __str__(self):
         lines = [
-            f"image {i}: {p.width}x{p.height} -> {p.rows}x{p.cols} tiles + global = "
+            f"image {i}: {p.width}x{p.height} -> {p.rows}x{p.cols} grid + global = "
             f"{p.num_tiles} tiles, {n} image tokens ({t} prompt tokens)"
             if p.rows
             else f"image {i}: {p.width}x{p.height} -> 1 tile (unsplit), {n} image tokens "
