@@ -78,11 +78,14 @@ def main():
     weights = mx.get_active_memory()
     rng = np.random.default_rng(0)
     print(f"model {args.model}: weights {weights / GB:.3f} GB, device {mx.default_device()}, "
-          f"vision batch {model.vision_batch_size}, prefill chunk {args.prefill_chunk}, stage {args.stage}")
+          f"vision batch {model.vision_batch_size}, prefill chunk {args.prefill_chunk}, "
+          f"stage {args.stage}")
     print("| frames | prompt tokens | vision s | peak after vision GB | prefill s | peak GB |")
     print("|---|---|---|---|---|---|")
     for f in args.frames:
-        n, tv, pv, tp, peak = measure(model, f, args.frame_size, args.prefill_chunk, args.stage, rng)
+        n, tv, pv, tp, peak = measure(
+            model, f, args.frame_size, args.prefill_chunk, args.stage, rng
+        )
         prefill = "-" if args.stage == "vision" else f"{tp:.1f}"
         print(f"| {f} | {n} | {tv:.1f} | {pv / GB:.3f} | {prefill} | {peak / GB:.3f} |", flush=True)
 

@@ -90,8 +90,8 @@ class Preflight:
         ]
         for i, (v, n, t) in enumerate(self.videos):
             lines.append(
-                f"video {i}: {v.path}: {v.duration:.1f} s at {v.fps:g} fps -> {len(v.indices)} frames, "
-                f"{n} image tokens ({t} prompt tokens)"
+                f"video {i}: {v.path}: {v.duration:.1f} s at {v.fps:g} fps -> "
+                f"{len(v.indices)} frames, {n} image tokens ({t} prompt tokens)"
             )
         frames = sum(len(v.indices) for v, _, _ in self.videos)
         lines.append(
@@ -178,7 +178,8 @@ class Processor:
         lengths = [len(self.tokenizer.encode(self._image_prompt(p))) for p in plans]
         probed = []
         if videos:
-            options, block = self._video_setup(video_controls, self.image_processor.tile_size if sources else 0)
+            side = self.image_processor.tile_size if sources else 0
+            options, block = self._video_setup(video_controls, side)
         for source in videos or []:
             v = load_video(source, options.fps, options.max_frames, options.skip_secs, decode=False)
             text = video_prompt(v, block)
@@ -218,12 +219,12 @@ class Processor:
         input_ids = np.array([ids], dtype=np.int64)
         return {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids), **out}
 
-
     def _videos(self, prompt, videos, controls, min_side=0):
         n = prompt.count(VIDEO_TOKEN)
         if n != len(videos):
             raise ValueError(
-                f"the prompt has {n} {VIDEO_TOKEN} placeholder(s) but {len(videos)} video(s) were given"
+                f"the prompt has {n} {VIDEO_TOKEN} placeholder(s) but {len(videos)} video(s) "
+                "were given"
             )
         if not videos:
             return {"image": [], "video": []}
@@ -243,7 +244,9 @@ class Processor:
         tile = self.image_processor.tile_size
         unit = tile // math.isqrt(self.image_seq_len)  # patch size x scale factor
         if not (0 < options.frame_size <= tile and options.frame_size % unit == 0):
-            raise ValueError(f"frame_size must be a multiple of {unit} up to {tile}, got {options.frame_size}")
+            raise ValueError(
+                f"frame_size must be a multiple of {unit} up to {tile}, got {options.frame_size}"
+            )
         # Tokens per frame scale with its (padded) area: a smaller frame_size costs fewer.
         side = max(options.frame_size, min_side)
         block = image_prompt(0, 0, self.image_seq_len * side**2 // tile**2, **self.image_tokens)

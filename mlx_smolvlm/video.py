@@ -13,7 +13,10 @@ import mlx.core as mx
 import numpy as np
 
 # Strings of transformers' processing_smolvlm.py; the model was trained on them.
-VIDEO_INTRO = "You are provided the following series of {frame_count} frames from a {video_duration} [H:MM:SS] video.\n"
+VIDEO_INTRO = (
+    "You are provided the following series of {frame_count} frames "
+    "from a {video_duration} [H:MM:SS] video.\n"
+)
 FRAME_TIMESTAMP = "\nFrame from {timestamp}:"
 MEDIA_OUTRO = "\n\n"
 MAX_IMAGE_SIZE = 4096
@@ -23,7 +26,8 @@ CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
     "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
     "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif line['type'] == 'video' %}{{ '<video>' }}"
     "{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
@@ -77,7 +81,12 @@ class VideoFrames:
 
 
 def sample_frame_indices(
-    total_frames: int, video_fps: float, duration: float, fps: float, max_frames: int, skip_secs: float = 1
+    total_frames: int,
+    video_fps: float,
+    duration: float,
+    fps: float,
+    max_frames: int,
+    skip_secs: float = 1,
 ) -> np.ndarray:
     """Frame indices exactly as `SmolVLMVideoProcessor.sample_frames`."""
     desired = max(min(int(round(fps * duration)), max_frames), 1)
@@ -102,7 +111,7 @@ def _open(path: Path):
     try:
         container = av.open(str(path))
     except av.FFmpegError as e:
-        raise VideoError(f"{path}: not a readable video ({e.strerror or type(e).__name__})") from None
+        raise VideoError(f"{path}: not a readable video ({_reason(e)})") from None
     if not container.streams.video:
         container.close()
         raise VideoError(f"{path}: has no video stream (audio only?)")
@@ -144,7 +153,13 @@ def _decode(container, stream, pts: list[int], keys: set[int], indices: np.ndarr
     return frames
 
 
-def load_video(path, fps: float = 1.0, max_frames: int = 64, skip_secs: float = 1.0, decode=True) -> VideoFrames:
+def _reason(e) -> str:
+    return e.strerror or type(e).__name__
+
+
+def load_video(
+    path, fps: float = 1.0, max_frames: int = 64, skip_secs: float = 1.0, decode: bool = True
+) -> VideoFrames:
     """Decode only the frames SmolVLM2 samples from `path`, upright, as RGB uint8.
     With `decode=False` nothing is decoded: the sampled indices only (`frames` is None)."""
     import av
@@ -157,7 +172,7 @@ def load_video(path, fps: float = 1.0, max_frames: int = 64, skip_secs: float = 
         try:
             pts, keys = _frame_pts(container, stream)
         except av.FFmpegError as e:
-            raise VideoError(f"{path}: the video is corrupt ({e.strerror or type(e).__name__})") from None
+            raise VideoError(f"{path}: the video is corrupt ({_reason(e)})") from None
         # The reference trusts the container's frame count; fall back to the demuxed one.
         total = min(stream.frames, len(pts)) if stream.frames else len(pts)
         rate = float(stream.average_rate or stream.guessed_rate or 0)
@@ -170,7 +185,7 @@ def load_video(path, fps: float = 1.0, max_frames: int = 64, skip_secs: float = 
         try:
             decoded = _decode(container, stream, pts, keys, indices)
         except av.FFmpegError as e:
-            raise VideoError(f"{path}: the video is corrupt ({e.strerror or type(e).__name__})") from None
+            raise VideoError(f"{path}: the video is corrupt ({_reason(e)})") from None
         if not decoded:
             raise VideoError(f"{path}: no frame could be decoded (truncated or corrupt video)")
         frames = np.stack([_upright(f.to_ndarray(format="rgb24"), f.rotation) for f in decoded])
@@ -261,7 +276,7 @@ def resize_frames(frames: np.ndarray, longest_edge: int, frame_size: int) -> np.
     return out
 
 
-def frame_pixels(frames: np.ndarray, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), rescale=1 / 255) -> np.ndarray:
+def frame_pixels(frames: np.ndarray, mean=(0.5,) * 3, std=(0.5,) * 3, rescale=1 / 255):
     """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), rescale and normalize fused as the reference."""
     # float32 mean * (1 / rescale): 127.5 exactly for mean 0.5, as torch computes it
     m = np.array(mean, np.float32) * np.float32(1 / rescale)
@@ -270,9 +285,11 @@ def frame_pixels(frames: np.ndarray, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), 
     return (x - m[:, None, None]) / s[:, None, None]
 
 
-def video_pixels(video: VideoFrames, options: VideoOptions, mean=(0.5,) * 3, std=(0.5,) * 3, rescale=1 / 255):
+def video_pixels(video: VideoFrames, options: VideoOptions, mean=(0.5,) * 3, std=(0.5,) * 3,
+                 rescale=1 / 255) -> np.ndarray:
     """The frames as the vision tower takes them: float32 (N, 3, frame_size, frame_size)."""
-    return frame_pixels(resize_frames(video.frames, options.longest_edge, options.frame_size), mean, std, rescale)
+    frames = resize_frames(video.frames, options.longest_edge, options.frame_size)
+    return frame_pixels(frames, mean, std, rescale)
 
 
 def video_prompt(video: VideoFrames, frame_block: str) -> str:
@@ -283,8 +300,10 @@ def video_prompt(video: VideoFrames, frame_block: str) -> str:
     # The reference writes the padded frame count of the whole batch here; with several
     # videos of different lengths that miscounts, so each video states its own count.
     text = VIDEO_INTRO.format(
-        frame_count=num2words(len(video.indices)), video_duration=str(timedelta(seconds=int(video.duration)))
+        frame_count=num2words(len(video.indices)),
+        video_duration=str(timedelta(seconds=int(video.duration))),
     )
     for t in video.timestamps:
-        text += FRAME_TIMESTAMP.format(timestamp=f"{int(t // 60):02d}:{int(t % 60):02d}") + frame_block
+        stamp = f"{int(t // 60):02d}:{int(t % 60):02d}"
+        text += FRAME_TIMESTAMP.format(timestamp=stamp) + frame_block
     return text + MEDIA_OUTRO

@@ -17,6 +17,8 @@ from test_model import max_rel_diff
 from video_synth import BITS, VIDEOS, frame_image, make_all, make_video
 
 from mlx_smolvlm.video import (
+    CHAT_TEMPLATE,
+    VIDEO_INTRO,
     VideoError,
     VideoFrames,
     VideoOptions,
@@ -90,7 +92,8 @@ def test_decode_matches_reference(videos, name):
     live = _reference_pyav(videos[name], ref["indices"])
     if live is not None:
         assert np.array_equal(np.stack(stored), live)
-    if hashlib.md5(videos[name].read_bytes()).hexdigest() == ref["md5"] and f"{name}/decoded" in ARRAYS:
+    same_bytes = hashlib.md5(videos[name].read_bytes()).hexdigest() == ref["md5"]
+    if same_bytes and f"{name}/decoded" in ARRAYS:
         assert np.array_equal(np.stack(stored), ARRAYS[f"{name}/decoded"])
     print(f"{name}: indices match; pixels equal live reference: {live is not None}")
 
@@ -138,9 +141,15 @@ def test_video_prompt_layout():
         "You are provided the following series of three frames from a 0:00:03 [H:MM:SS] video.\n"
         f"\nFrame from 00:00:{block}\nFrame from 00:01:{block}\nFrame from 00:02:{block}\n\n"
     )
-    long = VideoFrames("y.mp4", np.zeros((1, 4, 4, 3), np.uint8), np.array([3700 * 30]), 30.0, 4000 * 30, 4000.0)
+    frame = np.zeros((1, 4, 4, 3), np.uint8)
+    long = VideoFrames("y.mp4", frame, np.array([3700 * 30]), 30.0, 4000 * 30, 4000.0)
     assert "one frames from a 1:06:40 [H:MM:SS]" in video_prompt(long, "")
     assert "Frame from 61:40:" in video_prompt(long, "")
+    try:  # the strings are transformers' own
+        from transformers.models.smolvlm import processing_smolvlm as ref
+    except ImportError:
+        return
+    assert VIDEO_INTRO == ref.DEFAULT_VIDEO_INTRO and CHAT_TEMPLATE == ref.DEFAULT_CHAT_TEMPLATE
 
 
 # --- bad input: every failure names the file and the problem
@@ -188,7 +197,8 @@ def test_audio_only(tmp_path):
     path = tmp_path / "tone.m4a"
     with av.open(str(path), "w") as c:
         s = c.add_stream("aac", rate=16000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        silence = np.zeros((1, 1024), np.float32)
+        frame = av.AudioFrame.from_ndarray(silence, format="fltp", layout="mono")
         frame.sample_rate = 16000
         for p in s.encode(frame):
             c.mux(p)
@@ -216,7 +226,8 @@ def processor(tmp_path_factory):
 
     from mlx_smolvlm.processing import load_processor
 
-    return load_processor(write_processor_folder(tmp_path_factory.mktemp("proc"), "smolvlm2", 512, 64))
+    folder = write_processor_folder(tmp_path_factory.mktemp("proc"), "smolvlm2", 512, 64)
+    return load_processor(folder)
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +264,9 @@ def test_prompt_matches_reference(fast_processor, videos, tmp_path, case):
     if case == "two_videos":
         # The reference states the batch's padded frame count (64) in the 3-frame video's
         # intro; we state each video's own count. Everything else is identical.
-        text = processor.tokenizer.decode(expected).replace("sixty-four frames from a 0:00:03", "three frames from a 0:00:03", 1)
+        text = processor.tokenizer.decode(expected).replace(
+            "sixty-four frames from a 0:00:03", "three frames from a 0:00:03", 1
+        )
         expected = processor.tokenizer.encode(text)
     out = processor(_messages(case, videos, tmp_path))
     assert out["input_ids"][0].tolist() == expected
@@ -272,8 +285,8 @@ def test_frames_in_prompt_order(processor, fast_processor, videos, tmp_path):
     assert np.array_equal(out["pixel_values"][0, 0], frame0)
     # image, then video in a later turn: the tiles first, then the frames
     later = fast_processor(_messages("later_turn", videos, tmp_path), max_frames=4)
-    alone = fast_processor([{"role": "user", "content": [{"type": "video", "path": str(videos["long_30fps"])}]}],
-                           max_frames=4)
+    video = {"type": "video", "path": str(videos["long_30fps"])}
+    alone = fast_processor([{"role": "user", "content": [video]}], max_frames=4)
     assert later["pixel_values"].shape[1] == 13 + 4
     assert np.array_equal(later["pixel_values"][0, 13:], alone["pixel_values"][0])
 
@@ -300,7 +313,8 @@ def test_video_count_mismatch(processor, videos):
 
 # --- end to end: greedy tokens of a tiny random SmolVLM2 on a video prompt equal transformers'
 
-GENERATION = FIXTURES / "generation.json"  # written by `PYTHONPATH=.:tests:scripts python tests/test_video.py`
+# written by `PYTHONPATH=.:tests:scripts python tests/test_video.py` (needs torch)
+GENERATION = FIXTURES / "generation.json"
 TINY = Path(__file__).parent / "fixtures" / "tiny-smolvlm"
 STEPS = 8
 
@@ -327,8 +341,8 @@ def _our_greedy(inputs):
 
     model = load_model(TINY)
     cache = make_prompt_cache(model)
-    logits = model(*(mx.array(inputs[k]) for k in ("input_ids", "pixel_values", "pixel_attention_mask")),
-                   cache=cache)
+    keys = ("input_ids", "pixel_values", "pixel_attention_mask")
+    logits = model(*(mx.array(inputs[k]) for k in keys), cache=cache)
     last, tokens = np.array(logits[0, -1]), []
     for _ in range(STEPS):
         y = logits[:, -1].argmax(-1)
@@ -386,7 +400,8 @@ def test_preflight_counts_frames_and_tokens(fast_processor, videos, tmp_path):
     out = fast_processor(messages, max_frames=16)
     (video, n_image, n_prompt), = report.videos
     assert len(video.indices) == 16 and video.frames is None
-    assert n_image + report.total_image_tokens == int((out["input_ids"] == fast_processor.image_token_id).sum())
+    n_tokens = int((out["input_ids"] == fast_processor.image_token_id).sum())
+    assert n_image + report.total_image_tokens == n_tokens
     text = str(report)
     print(text)
     assert "long_30fps.mp4: 70.0 s at 30 fps -> 16 frames, 1024 image tokens" in text

@@ -1,4 +1,4 @@
-"""Synthetic test videos whose frames show their own index (shared by tests and the golden script)."""
+"""Synthetic test videos whose frames show their own index (tests and golden script share it)."""
 
 from pathlib import Path
 
