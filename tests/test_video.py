@@ -406,3 +406,43 @@ def test_preflight_counts_frames_and_tokens(fast_processor, videos, tmp_path):
     print(text)
     assert "long_30fps.mp4: 70.0 s at 30 fps -> 16 frames, 1024 image tokens" in text
     assert "total: 13 tiles + 16 frames, 1856 image tokens" in text
+
+
+# --- the command line
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory):
+    from make_generate_golden import tiny_folder
+
+    return tiny_folder("tiny-smolvlm", tmp_path_factory.mktemp("tiny"))
+
+
+def test_cli_video_dry_run_and_generation(tiny_vlm, videos, tmp_path):
+    from test_cli import cli
+
+    r = cli("--model", tiny_vlm, "--video", videos["short_24fps"], "--video", videos["long_30fps"],
+            "--max-frames", 8, "--dry-run")
+    print(r.stdout)
+    assert r.returncode == 0, r.stderr
+    assert "short_24fps.mp4: 3.0 s at 24 fps -> 3 frames, 27 image tokens" in r.stdout
+    assert "long_30fps.mp4: 70.0 s at 30 fps -> 8 frames, 72 image tokens" in r.stdout
+    assert "total: 0 tiles + 11 frames, 99 image tokens" in r.stdout
+    r = cli("--model", tiny_vlm, "--video", videos["short_24fps"], "--fps", 2, "--frame-size", 24,
+            "--max-tokens", 3, "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert "Generation: 3 tokens" in r.stdout
+
+
+def test_cli_bad_video_gives_one_line(tiny_vlm, tmp_path):
+    from test_cli import cli
+
+    r = cli("--model", tiny_vlm, "--video", tmp_path / "none.mp4")
+    assert r.returncode == 2 and "--video" in r.stderr and "none.mp4: no such file" in r.stderr
+    junk = _write(tmp_path / "junk.mp4", b"\x00" * 1000)
+    r = cli("--model", tiny_vlm, "--video", junk, "--max-tokens", 2)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "junk.mp4: not a readable video" in r.stderr
+    r = cli("--model", tiny_vlm, "--video", junk, "--frame-size", 100, "--dry-run")
+    assert r.returncode == 1 and "frame_size must be a multiple of 12" in r.stderr
