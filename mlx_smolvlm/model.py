@@ -49,6 +49,12 @@ class Model(nn.Module):
                 mx.eval(parts[-1])  # free this batch's activations before the next
         return mx.concatenate(parts) if len(parts) > 1 else parts[0]
 
+    def tokens_per_image(self, height: int, width: int) -> int:
+        """Feature rows (image tokens) one image of this size gives: `image_seq_len` for a
+        tile, fewer for a smaller video frame."""
+        n = self.config.vision_config.patch_size * self.config.scale_factor
+        return (height // n) * (width // n)
+
     def get_input_embeddings(
         self,
         input_ids: mx.array,
@@ -75,10 +81,7 @@ class Model(nn.Module):
         is_image = input_ids == self.config.image_token_id
         real, n_tokens = np.array((pixels != 0).any(axis=(1, 2, 3))), is_image.sum().item()
         real_idx = np.flatnonzero(real)
-        # Rows per image follow the pixel size (video frames may be smaller than a tile).
-        per_image = (H // self.config.vision_config.patch_size // self.config.scale_factor) * (
-            W // self.config.vision_config.patch_size // self.config.scale_factor
-        )
+        per_image = self.tokens_per_image(H, W)
         n_rows = len(real_idx) * per_image
         if n_tokens != n_rows:
             raise ValueError(

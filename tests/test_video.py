@@ -432,6 +432,11 @@ def test_cli_video_dry_run_and_generation(tiny_vlm, videos, tmp_path):
             "--max-tokens", 3, "--verbose")
     assert r.returncode == 0, r.stderr
     assert "Generation: 3 tokens" in r.stdout
+    # a chat turn after a video of small frames reuses the cache (4 tokens per frame here)
+    r = cli("--model", tiny_vlm, "--chat", "--verbose", "--max-tokens", 2, "--video", videos["short_24fps"],
+            "--frame-size", 24, stdin="Hello\nMore\n")
+    assert r.returncode == 0, r.stderr
+    assert "cached)" in r.stdout
 
 
 def test_cli_bad_video_gives_one_line(tiny_vlm, tmp_path):
