@@ -231,8 +231,9 @@ class Processor:
         options, block = self._video_setup(controls, min_side)
         ip, items = self.image_processor, []
         for source in videos:
-            video = load_video(source, options.fps, options.max_frames, options.skip_secs)
-            pixels = video_pixels(video, options, ip.image_mean, ip.image_std, ip.rescale_factor)
+            video, pixels = video_pixels(
+                source, options, ip.image_mean, ip.image_std, ip.rescale_factor
+            )
             items.append((video_prompt(video, block), pixels, np.ones(pixels[:, 0].shape, bool)))
         return {"image": [], "video": items}
 

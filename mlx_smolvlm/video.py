@@ -4,6 +4,7 @@ Matches transformers' `SmolVLMVideoProcessor` (frame sampling, two-step resize, 
 tiling) and `SmolVLMProcessor.replace_video_token` (the trained video prompt).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
@@ -132,13 +133,12 @@ def _frame_pts(container, stream) -> tuple[list[int], set[int]]:
     return sorted(pts), keys
 
 
-def _decode(container, stream, pts: list[int], keys: set[int], indices: np.ndarray) -> list:
+def _decode(container, stream, pts: list[int], keys: set[int], indices: np.ndarray):
     # Seek to the keyframe before a wanted frame when that skips decoding; otherwise
-    # decode on. Only the wanted frames are kept (and later converted to RGB).
+    # decode on. Yields only the wanted frames.
     key_pts = sorted(keys)
-    wanted = [pts[i] for i in indices]
-    frames, it, last = [], None, None
-    for target in wanted:
+    it, last = None, None
+    for target in (pts[i] for i in indices):
         k = key_pts[max(np.searchsorted(key_pts, target, side="right") - 1, 0)] if key_pts else None
         if it is None or (k is not None and last is not None and k > last):
             container.seek(k if k is not None else 0, stream=stream, backward=True)
@@ -146,11 +146,10 @@ def _decode(container, stream, pts: list[int], keys: set[int], indices: np.ndarr
         for frame in it:
             last = frame.pts
             if frame.pts is not None and frame.pts >= target:
-                frames.append(frame)
+                yield frame
                 break
         else:
-            break
-    return frames
+            return
 
 
 def _reason(e) -> str:
@@ -158,10 +157,18 @@ def _reason(e) -> str:
 
 
 def load_video(
-    path, fps: float = 1.0, max_frames: int = 64, skip_secs: float = 1.0, decode: bool = True
+    path,
+    fps: float = 1.0,
+    max_frames: int = 64,
+    skip_secs: float = 1.0,
+    decode: bool = True,
+    frame_fn: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> VideoFrames:
     """Decode only the frames SmolVLM2 samples from `path`, upright, as RGB uint8.
-    With `decode=False` nothing is decoded: the sampled indices only (`frames` is None)."""
+
+    `frame_fn` maps each frame as soon as it is decoded (a resize: full-size frames are
+    then never all held). With `decode=False` nothing is decoded: `frames` is None.
+    """
     import av
 
     path = Path(path)
@@ -182,13 +189,16 @@ def load_video(
         indices = sample_frame_indices(total, rate, duration, fps, max_frames, skip_secs)
         if not decode:
             return VideoFrames(str(path), None, indices, rate, total, duration)
+        frames = []
         try:
-            decoded = _decode(container, stream, pts, keys, indices)
+            for f in _decode(container, stream, pts, keys, indices):
+                rgb = _upright(f.to_ndarray(format="rgb24"), f.rotation)
+                frames.append(frame_fn(rgb) if frame_fn else rgb)
         except av.FFmpegError as e:
             raise VideoError(f"{path}: the video is corrupt ({_reason(e)})") from None
-        if not decoded:
+        if not frames:
             raise VideoError(f"{path}: no frame could be decoded (truncated or corrupt video)")
-        frames = np.stack([_upright(f.to_ndarray(format="rgb24"), f.rotation) for f in decoded])
+        frames = np.stack(frames)
     finally:
         container.close()
     return VideoFrames(str(path), frames, indices[: len(frames)], rate, total, duration)
@@ -262,18 +272,13 @@ def _resample(x: mx.array, size: int, axis: int) -> mx.array:
     return mx.moveaxis(mx.clip(acc >> bits, 0, 255), 0, axis)
 
 
-def resize_frames(frames: np.ndarray, longest_edge: int, frame_size: int) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, frame_size, frame_size, 3) uint8, resized twice as the
-    reference: Lanczos with antialias, bit-exact with torch's uint8 kernel (separable,
-    horizontal pass first)."""
-    h, w = resized_shape(*frames.shape[1:3], longest_edge)
-    out = np.empty((len(frames), frame_size, frame_size, 3), np.uint8)
-    for i, f in enumerate(frames):
-        # One frame at a time: the reference's first resize may upscale a whole
-        # clip to 2048 px, which would hold gigabytes for 64 frames.
-        x = _resample(_resample(mx.array(f).astype(mx.int32), w, 1), h, 0)
-        out[i] = np.array(_resample(_resample(x, frame_size, 1), frame_size, 0).astype(mx.uint8))
-    return out
+def resize_frame(frame: np.ndarray, longest_edge: int, frame_size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (frame_size, frame_size, 3) uint8, resized twice as the reference:
+    Lanczos with antialias, bit-exact with torch's uint8 kernel (separable, horizontal pass
+    first). One frame at a time: the first resize may upscale to 2048 px."""
+    h, w = resized_shape(*frame.shape[:2], longest_edge)
+    x = _resample(_resample(mx.array(frame).astype(mx.int32), w, 1), h, 0)
+    return np.array(_resample(_resample(x, frame_size, 1), frame_size, 0).astype(mx.uint8))
 
 
 def frame_pixels(frames: np.ndarray, mean=(0.5,) * 3, std=(0.5,) * 3, rescale=1 / 255):
@@ -285,11 +290,14 @@ def frame_pixels(frames: np.ndarray, mean=(0.5,) * 3, std=(0.5,) * 3, rescale=1 
     return (x - m[:, None, None]) / s[:, None, None]
 
 
-def video_pixels(video: VideoFrames, options: VideoOptions, mean=(0.5,) * 3, std=(0.5,) * 3,
-                 rescale=1 / 255) -> np.ndarray:
-    """The frames as the vision tower takes them: float32 (N, 3, frame_size, frame_size)."""
-    frames = resize_frames(video.frames, options.longest_edge, options.frame_size)
-    return frame_pixels(frames, mean, std, rescale)
+def video_pixels(source, options: VideoOptions, mean=(0.5,) * 3, std=(0.5,) * 3, rescale=1 / 255):
+    """Load a video as the vision tower takes it: its `VideoFrames` (frames resized as they
+    are decoded) and float32 pixels (N, 3, frame_size, frame_size)."""
+    def resize(frame):
+        return resize_frame(frame, options.longest_edge, options.frame_size)
+
+    video = load_video(source, options.fps, options.max_frames, options.skip_secs, frame_fn=resize)
+    return video, frame_pixels(video.frames, mean, std, rescale)
 
 
 def video_prompt(video: VideoFrames, frame_block: str) -> str:

@@ -2,7 +2,7 @@
 transformers' SmolVLMVideoProcessor / SmolVLMProcessor (goldens from scripts/make_video_golden.py).
 
 Pixels are exact: the reference resizes uint8 frames with torch's native Lanczos (antialias)
-kernel, which video.resize_frames reproduces (int16 fixed-point weights); Pillow's Lanczos
+kernel, which video.resize_frame reproduces (int16 fixed-point weights); Pillow's Lanczos
 would differ by up to 4/255 on a few percent of values.
 """
 
@@ -24,7 +24,7 @@ from mlx_smolvlm.video import (
     VideoOptions,
     frame_pixels,
     load_video,
-    resize_frames,
+    resize_frame,
     sample_frame_indices,
     video_prompt,
 )
@@ -115,13 +115,13 @@ def _compare(ours, ref, label):
 @pytest.mark.parametrize("name", [n for n in VIDEOS if n != "long_30fps"])
 def test_resize_matches_reference(name):
     decoded = ARRAYS[f"{name}/decoded"]
-    ours = resize_frames(decoded, longest_edge=160, frame_size=48)
+    ours = np.stack([resize_frame(f, longest_edge=160, frame_size=48) for f in decoded])
     _compare(ours, ARRAYS[f"{name}/small"], f"{name} 160 -> 48")
 
 
 def test_real_config_resize_matches_reference():
     # 96x64 -> 2048x1366 (even) -> 512x512, as the 256M/500M configs do
-    ours = resize_frames(ARRAYS["short_24fps/decoded"][:1], REAL.longest_edge, REAL.frame_size)
+    ours = resize_frame(ARRAYS["short_24fps/decoded"][0], REAL.longest_edge, REAL.frame_size)[None]
     _compare(ours, ARRAYS["short_24fps/real"], "short_24fps 2048 -> 512")
 
 
