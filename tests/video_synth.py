@@ -38,6 +38,7 @@ def make_video(path, seconds, fps, width, height, codec="libx264", pix_fmt="yuv4
         s = c.add_stream(codec, rate=fps)
         s.width, s.height, s.pix_fmt = width, height, pix_fmt
         s.gop_size = 12
+        s.codec_context.thread_count = 1  # threaded x264 encodes are not byte-reproducible
         if codec == "libx264":
             s.options = {"crf": "18", "bf": "2"}
         if rotation:
