@@ -33,9 +33,9 @@ class Model(nn.Module):
     def layers(self):
         return self.model.text_model.layers
 
-    # Images per vision-tower pass: activations of a 17-tile image (or 64 video frames)
-    # are never all alive at once.
-    vision_batch_size = 8
+    # Images per vision-tower pass, so a 17-tile image or 64 video frames never hold all their
+    # activations at once (256M, 64 frames: ~1.06 GB peak at 4 vs ~1.41 GB at 8, measured on CPU).
+    vision_batch_size = 4
 
     def get_image_features(self, pixel_values: mx.array, patch_mask: mx.array) -> mx.array:
         """(N, H, W, C) real images -> (N, image_seq_len, text hidden), in bounded batches."""
