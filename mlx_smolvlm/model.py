@@ -33,11 +33,21 @@ class Model(nn.Module):
     def layers(self):
         return self.model.text_model.layers
 
+    # Images per vision-tower pass: activations of a 17-tile image (or 64 video frames)
+    # are never all alive at once.
+    vision_batch_size = 8
+
     def get_image_features(self, pixel_values: mx.array, patch_mask: mx.array) -> mx.array:
-        """(N, H, W, C) real images -> (N, image_seq_len, text hidden)."""
+        """(N, H, W, C) real images -> (N, image_seq_len, text hidden), in bounded batches."""
         dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
-        h = self.model.vision_model(pixel_values.astype(dtype), patch_mask)
-        return self.model.connector(h)
+        n, step = pixel_values.shape[0], self.vision_batch_size
+        parts = []
+        for i in range(0, n, step):
+            h = self.model.vision_model(pixel_values[i : i + step].astype(dtype), patch_mask[i : i + step])
+            parts.append(self.model.connector(h))
+            if n > step:
+                mx.eval(parts[-1])  # free this batch's activations before the next
+        return mx.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def get_input_embeddings(
         self,

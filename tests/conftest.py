@@ -1,6 +1,27 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 # tests/make_golden.py and scripts/make_checkpoint.py are importable by the tests.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
+
+
+@pytest.fixture(scope="session")
+def processor_folder(tmp_path_factory):
+    """Factory: `processor_folder(layout="smolvlm", tile=512, image_seq_len=64, ...)` writes a
+    SmolVLM processor folder (tokenizer from the SmolLM2 GGUF, image processor configs) once
+    per parameter set and returns its path. Arguments: scripts/make_tokenizer.py."""
+    from make_tokenizer import write_processor_folder
+
+    made = {}
+
+    def make(**kwargs):
+        key = tuple(sorted(kwargs.items()))
+        if key not in made:
+            dest = tmp_path_factory.mktemp("processor")
+            made[key] = write_processor_folder(dest, **kwargs)
+        return made[key]
+
+    return make

