@@ -24,52 +24,43 @@ IMPLS = ("mlx_smolvlm", "mlx_vlm", "transformers")
 CONFIGS = ("float32", "bfloat16", "4bit")
 # name -> (image side, split into tiles?): 512 unsplit is one tile; 2048 gives 4x4 tiles + global.
 WORKLOADS = {"1tile": (512, False), "2048": (2048, True)}
-TEXT_CONTEXT = 32
 Q_GROUP, Q_BITS = 64, 4
 
-# Token ids of SmolVLM-256M (shared/notes/facts.md). Text tokens are stand-ins of the
-# right count: with random weights only the lengths matter.
-IM_START, FAKE, GLOBAL, IMAGE, END_UTT, NEWLINE = 1, 49189, 49152, 49190, 49279, 198
+PROMPT = "Describe this image."
+TEXT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-def row_col(r, c):
-    return 49153 + (r - 1) * 6 + (c - 1)
-
-
-def prompt_ids(rows: int, cols: int, per_tile: int = 64) -> list[int]:
-    """`<|im_start|>User:<image block>Describe this image.<end_of_utterance>\\nAssistant:`"""
-    ids = [IM_START, 4093, 42]
-    for r in range(1, rows + 1):
-        for c in range(1, cols + 1):
-            ids += [FAKE, row_col(r, c)] + [IMAGE] * per_tile
-        ids.append(NEWLINE)
-    ids += ([NEWLINE] if rows else []) + [FAKE, GLOBAL] + [IMAGE] * per_tile + [FAKE]
-    return ids + [19161, 451, 2443, 30, END_UTT, NEWLINE, 9519, 42]
-
-
-def processor_inputs(side: int, split: bool):
-    """Pixels from transformers' SmolVLM-256M image processor for a synthetic `side`x`side` image."""
+def processor_inputs(model_dir: Path, side: int, split: bool):
+    """transformers' processor on a synthetic `side`x`side` image: the same inputs for everyone."""
     import numpy as np
     from PIL import Image
-    from transformers import Idefics3ImageProcessor
+    from transformers import AutoProcessor
 
-    proc = Idefics3ImageProcessor(
-        do_image_splitting=split, size={"longest_edge": 2048}, max_image_size={"longest_edge": 512}
-    )
+    proc = AutoProcessor.from_pretrained(model_dir)
     yy, xx = np.mgrid[0:side, 0:side]
     img = Image.fromarray(np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8))
-    out = proc(images=[[img]], return_tensors="np", return_row_col_info=True)
-    rows, cols = out["rows"][0][0], out["cols"][0][0]
-    return out["pixel_values"].astype(np.float32), out["pixel_attention_mask"], prompt_ids(rows, cols)
+
+    def chat(content):
+        return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    out = proc(text=chat([{"type": "image"}, {"type": "text", "text": PROMPT}]), images=[img],
+               do_image_splitting=split, return_tensors="np")
+    text_ids = proc(text=chat([{"type": "text", "text": TEXT_PROMPT}]), return_tensors="np")["input_ids"]
+    return (out["pixel_values"].astype(np.float32), out["pixel_attention_mask"], out["input_ids"][0].tolist(),
+            text_ids[0].tolist())
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter
 
 
 def median_runs(fn, runs: int):
     """(median seconds, last result) of `runs` calls."""
     times = []
     for _ in range(runs):
-        t = time.perf_counter()
+        t = clock()
         out = fn()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return statistics.median(times), out
 
 
@@ -77,7 +68,9 @@ def median_runs(fn, runs: int):
 
 
 def mlx_side(impl: str, model_dir: Path, config: str):
-    """model, its decoder, a separate head (or None), embed(ids, pv, pam), lm(ids, cache, embeds), make_cache."""
+    """Load one MLX implementation as its user would and give the benchmark a common face:
+    (decoder, separate head or None, embed(ids, pv, pam), lm(ids, cache, embeds), make_cache,
+    generate(cache, last_ids, n) -> seconds for n tokens after the first)."""
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -96,8 +89,16 @@ def mlx_side(impl: str, model_dir: Path, config: str):
         def make_cache():
             return make_prompt_cache(model)
 
+        def generate(cache, last_ids, n):
+            logits = lm(last_ids, cache)
+            mx.eval(logits)
+            t = clock()
+            decode(lm, cache, logits, n)
+            return clock() - t
+
     else:
         from mlx.utils import tree_map
+        from mlx_vlm.generate.ar import generate_step
         from mlx_vlm.models import cache as vlm_cache
         from mlx_vlm.utils import load_model
 
@@ -115,26 +116,42 @@ def mlx_side(impl: str, model_dir: Path, config: str):
         def make_cache():
             return vlm_cache.make_prompt_cache(model.language_model)
 
+        def generate(cache, last_ids, n):
+            # mlx-vlm's own decode loop, continuing the cache; its first yield is the prompt's token.
+            steps = generate_step(last_ids, model, None, None, max_tokens=n + 1, temperature=0.0,
+                                  prompt_cache=cache)
+            next(steps)
+            t = clock()
+            for _ in steps:
+                pass
+            return clock() - t
+
     if config == "4bit":
         # The same layers on both sides: every decoder Linear/Embedding (vision stays float).
         nn.quantize(text, group_size=Q_GROUP, bits=Q_BITS)
         if impl == "mlx_smolvlm" and head is not None:  # mlx-vlm's head sits inside `text`
             nn.quantize(head, group_size=Q_GROUP, bits=Q_BITS)
     mx.eval(model.parameters())
-    return model, text, head, embed, lm, make_cache
+    return text, head, embed, lm, make_cache, generate
 
 
-def prefill(lm, make_cache, ids, embeds):
-    """mlx-lm's pattern: run all but the last token for the cache, then the last for logits."""
+def fill_cache(lm, make_cache, ids, embeds):
+    """All prompt tokens but the last into a fresh cache (mlx-lm's prefill; logits never computed)."""
     import mlx.core as mx
 
     cache = make_cache()
-    if embeds.shape[1] > 1:
-        lm(ids[:, :-1], cache, embeds[:, :-1])
-        mx.eval([c.state for c in cache])
+    lm(ids[:, :-1], cache, embeds[:, :-1])
+    mx.eval([c.state for c in cache])
+    return cache
+
+
+def prefill(lm, make_cache, ids, embeds):
+    import mlx.core as mx
+
+    cache = fill_cache(lm, make_cache, ids, embeds)
     logits = lm(ids[:, -1:], cache, embeds[:, -1:])
     mx.eval(logits)
-    return cache, logits
+    return logits
 
 
 def decode(lm, cache, logits, n: int):
@@ -152,12 +169,11 @@ def decode(lm, cache, logits, n: int):
     return out
 
 
-def run_mlx(impl, model_dir, config, pv_np, pam_np, ids_list, args):
+def run_mlx(impl, model_dir, config, pv_np, pam_np, ids_list, text_list, args):
     import mlx.core as mx
 
-    model, text, head, embed, lm, make_cache = mlx_side(impl, model_dir, config)
-    ids, pv, pam = mx.array([ids_list]), mx.array(pv_np), mx.array(pam_np)
-    text_ids = mx.array([ids_list[:1] + list(range(1000, 1000 + TEXT_CONTEXT - 1))])
+    text, head, embed, lm, make_cache, generate = mlx_side(impl, model_dir, config)
+    ids, pv, pam, text_ids = mx.array([ids_list]), mx.array(pv_np), mx.array(pam_np), mx.array([text_list])
     mx.reset_peak_memory()
 
     def vision():
@@ -165,21 +181,17 @@ def run_mlx(impl, model_dir, config, pv_np, pam_np, ids_list, args):
         mx.eval(e)
         return e
 
-    # Warm-up on the text-only prompt: the full image path is minutes on a CPU.
-    c, lg = prefill(lm, make_cache, text_ids, embed(text_ids, None, None))
-    decode(lm, c, lg, 4)
+    def decode_after(p_ids, p_emb):
+        return generate(fill_cache(lm, make_cache, p_ids, p_emb), p_ids[:, -1:], args.tokens)
+
+    # Warm-up on the text-only prompt: one pass of the image path is minutes on a CPU.
+    text_emb = embed(text_ids, None, None)
+    generate(fill_cache(lm, make_cache, text_ids, text_emb), text_ids[:, -1:], 4)
 
     t_vision, emb = median_runs(vision, args.runs)
     t_prefill, _ = median_runs(lambda: prefill(lm, make_cache, ids, emb), args.runs)
-
-    def decode_after(p_ids, p_emb):
-        cache, logits = prefill(lm, make_cache, p_ids, p_emb)
-        t = time.perf_counter()
-        decode(lm, cache, logits, args.tokens)
-        return time.perf_counter() - t
-
     t_dec_img = statistics.median(decode_after(ids, emb) for _ in range(args.runs))
-    t_dec_txt = statistics.median(decode_after(text_ids, embed(text_ids, None, None)) for _ in range(args.runs))
+    t_dec_txt = statistics.median(decode_after(text_ids, text_emb) for _ in range(args.runs))
     return dict(
         vision_s=t_vision, prefill_s=t_prefill, decode_img_s=t_dec_img, decode_txt_s=t_dec_txt,
         peak_gb=mx.get_peak_memory() / 1e9, bytes_per_token=decode_bytes(text, head),
@@ -200,7 +212,7 @@ def decode_bytes(text, head) -> int:
 # ---------------------------------------------------------------- transformers
 
 
-def run_transformers(model_dir, config, pv_np, pam_np, ids_list, args):
+def run_transformers(model_dir, config, pv_np, pam_np, ids_list, text_list, args):
     import torch
     from transformers import AutoModelForImageTextToText, DynamicCache
 
@@ -210,7 +222,7 @@ def run_transformers(model_dir, config, pv_np, pam_np, ids_list, args):
     dtype = torch.float32 if config == "float32" else torch.bfloat16
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).eval()
     ids, pv, pam = torch.tensor([ids_list]), torch.from_numpy(pv_np), torch.from_numpy(pam_np)
-    text_ids = torch.tensor([ids_list[:1] + list(range(1000, 1000 + TEXT_CONTEXT - 1))])
+    text_ids = torch.tensor([text_list])
 
     def vision():
         feats = torch.cat(list(model.model.get_image_features(pv, pam).pooler_output))
@@ -223,12 +235,12 @@ def run_transformers(model_dir, config, pv_np, pam_np, ids_list, args):
 
     def decode_after(p_emb):
         cache, logits = prefill_t(p_emb)
-        t = time.perf_counter()
+        t = clock()
         y = logits[:, -1].argmax(-1, keepdim=True)
         for _ in range(args.tokens):
             logits = model(input_ids=y, past_key_values=cache, use_cache=True).logits
             y = logits[:, -1].argmax(-1, keepdim=True)
-        return time.perf_counter() - t
+        return clock() - t
 
     with torch.inference_mode():
         text_emb = model.get_input_embeddings()(text_ids)
@@ -245,36 +257,47 @@ def run_transformers(model_dir, config, pv_np, pam_np, ids_list, args):
 
 
 def worker(args):
+    global clock
+    clock = CLOCKS[args.clock]
     side, split = WORKLOADS[args.workload]
-    pv, pam, ids = processor_inputs(side, split)
+    pv, pam, ids, text = processor_inputs(args.model, side, split)
     if args.impl == "transformers":
-        r = run_transformers(args.model, args.config, pv, pam, ids, args)
+        r = run_transformers(args.model, args.config, pv, pam, ids, text, args)
     else:
-        r = run_mlx(args.impl, args.model, args.config, pv, pam, ids, args)
+        r = run_mlx(args.impl, args.model, args.config, pv, pam, ids, text, args)
     if r is not None:
-        r.update(tiles=int(pv.shape[1]), prompt_tokens=len(ids),
+        r.update(tiles=int(pv.shape[1]), prompt_tokens=len(ids), text_tokens=len(text),
                  rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
     print("RESULT " + json.dumps(r))
 
 
-def memory_bandwidth_gbs() -> float:
-    """Copy a 1 GB array: bytes read + written per second."""
+def memory_bandwidth_gbs() -> tuple[float, float]:
+    """(copy, read) GB/s over a 1 GB array, best of 5: a busy machine only ever slows it down."""
     import mlx.core as mx
 
     a = mx.random.uniform(shape=(256 * 1024 * 1024,))
     mx.eval(a)
 
-    def copy():
-        mx.eval(a + 0)
+    def best(fn):
+        mx.eval(fn())
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            mx.eval(fn())
+            times.append(time.perf_counter() - t)
+        return min(times)
 
-    copy()
-    return 2 * a.nbytes / median_runs(copy, 5)[0] / 1e9
+    return 2 * a.nbytes / best(lambda: a + 0) / 1e9, a.nbytes / best(lambda: a.sum()) / 1e9
 
 
 def ensure_checkpoint(path: Path):
+    """SmolVLM-256M's config with random bf16 weights, plus a processor folder built offline."""
     if not (path / "config.json").exists():
         subprocess.run([sys.executable, str(ROOT / "scripts/make_checkpoint.py"), "smolvlm-256m", str(path),
                         "--dtype", "bfloat16"], check=True)
+    if not (path / "tokenizer.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts/make_tokenizer.py"), str(path),
+                        "--model-config", str(path / "config.json")], check=True)
 
 
 def fmt(v, spec=".2f"):
@@ -294,23 +317,25 @@ COLUMNS = [
 
 
 def print_table(rows, bandwidth, args):
-    print(f"\nmemory bandwidth (MLX copy): {bandwidth:.1f} GB/s; {args.tokens} new tokens, median of {args.runs};"
-          f" load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    head = ["workload", "dtype", "impl", "tiles", "prompt"] + [c[0] for c in COLUMNS] + ["decode limit tok/s"]
+    copy_gbs, read_gbs = bandwidth
+    print(f"\nmemory bandwidth (MLX, 1 GB): copy {copy_gbs:.1f} GB/s (read + write), read {read_gbs:.1f} GB/s; "
+          f"{args.tokens} new tokens, median of {args.runs}, {args.clock} clock; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    head = ["workload", "dtype", "impl", "tiles", "prompt", "text prompt"] + [c[0] for c in COLUMNS] + ["decode limit tok/s"]
     lines = [head]
     for (wl, cfg, impl), r in rows.items():
         if r is None:
             lines.append([wl, cfg, impl] + ["n/a"] * (len(head) - 3))
             continue
         ref = rows.get((wl, cfg, "mlx_vlm"))
-        cells = [r["tiles"], r["prompt_tokens"]]
+        cells = [r["tiles"], r["prompt_tokens"], r["text_tokens"]]
         for _, key, spec, ratio in COLUMNS:
             cell = fmt(r[key], spec)
             if impl == "mlx_smolvlm" and ref and r[key] and ref[key]:
                 cell += f" ({ratio(r[key], ref[key]):.2f}x)"
             cells.append(cell)
-        # Decode can go no faster than streaming the decoder's weights once per token.
-        limit = bandwidth * 1e9 / r["bytes_per_token"] if r["bytes_per_token"] else None
+        # Decode can go no faster than reading the decoder's weights once per token.
+        limit = read_gbs * 1e9 / r["bytes_per_token"] if r["bytes_per_token"] else None
         lines.append([wl, cfg, impl] + cells + [fmt(limit, ".0f")])
     widths = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
     for i, l in enumerate(lines):
@@ -329,6 +354,8 @@ def main():
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch threads (this machine has 2 cores)")
+    p.add_argument("--clock", choices=CLOCKS, default="wall",
+                   help="cpu: this process's CPU seconds, steadier than wall time on a shared machine")
     p.add_argument("--quick", action="store_true", help="1 tile, float32, 16 tokens, 1 run")
     p.add_argument("--worker", nargs=3, metavar=("IMPL", "CONFIG", "WORKLOAD"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -347,7 +374,7 @@ def main():
         for cfg in args.configs.split(","):
             for impl in args.impls.split(","):
                 cmd = [sys.executable, __file__, "--worker", impl, cfg, wl, "--model", str(args.model),
-                       "--tokens", str(args.tokens), "--runs", str(args.runs), "--threads", str(args.threads)]
+                       "--tokens", str(args.tokens), "--runs", str(args.runs), "--threads", str(args.threads), "--clock", args.clock]
                 t = time.perf_counter()
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
