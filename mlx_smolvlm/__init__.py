@@ -1,5 +1,6 @@
 """SmolVLM and SmolVLM2 in MLX."""
 
+from .generation import generate, load, stream_generate
 from .loading import load_model
 
-__all__ = ["load_model"]
+__all__ = ["generate", "load", "load_model", "stream_generate"]

@@ -1,0 +1,46 @@
+"""What other readers of a converted folder need from config.json (mlx-vlm, mlx-swift-lm).
+
+Both read our weight names (they rename `model.text_model.*` to `language_model.*`
+and drop `model.` when loading) but look up per-layer quantization under their own
+module paths, default config fields we leave implicit (mlx-vlm: rope_theta 1e6;
+mlx-swift-lm requires rope_theta, which transformers 5 writes only under
+rope_parameters), and decide the tied head from `text_config.tie_word_embeddings`.
+"""
+
+import copy
+from dataclasses import fields
+
+from mlx_smolvlm.config import ModelConfig
+
+
+def reader_path(path: str) -> str:
+    """Our module path -> mlx-vlm's and mlx-swift-lm's (Idefics3 `Model`) module path."""
+    if path.startswith("model.text_model."):
+        return "language_model." + path[len("model.text_model.") :]
+    if path.startswith("model."):
+        return path[len("model.") :]
+    if path == "lm_head":
+        return "language_model.lm_head"
+    return path
+
+
+def explicit_config(raw: dict, config: ModelConfig) -> dict:
+    """The source config with every vision/text field we resolved written out."""
+    out = copy.deepcopy(raw)
+    for key in ("vision_config", "text_config"):
+        sub = getattr(config, key)
+        # Resolved from the source, so equal where it was explicit; fills the rest.
+        resolved = {f.name: getattr(sub, f.name) for f in fields(sub)}
+        out[key].update({k: v for k, v in resolved.items() if v is not None})
+    # The composite model's flag is the one the reference (and we) obey.
+    out["text_config"]["tie_word_embeddings"] = config.tie_word_embeddings
+    return out
+
+
+def with_reader_paths(quantization: dict) -> dict:
+    """Add each quantized layer's entry under the readers' module path as well."""
+    out = dict(quantization)
+    for path, params in quantization.items():
+        if isinstance(params, dict):
+            out.setdefault(reader_path(path), params)
+    return out

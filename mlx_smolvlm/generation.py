@@ -1,0 +1,259 @@
+"""Generation: load, the cached decode loop (chunked prefill, one step evaluated ahead),
+stop conditions and streaming responses. The CLI is generate.py."""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import make_prompt_cache
+from .detokenizer import StreamingDetokenizer
+from .gguf import load_gguf
+from .loading import CheckpointError, cast_floats, get_model_path, load_model
+from .processing import load_processor, text_processor
+from .prompt_cache import PromptCache, tile_digests
+from .sample_utils import make_sampler
+from .tokenizer import Tokenizer
+
+
+def load(path_or_repo: str | Path, dtype: mx.Dtype | None = None, lazy: bool = False):
+    """Load a model and its processor from a folder, a Hub repo id or a `.gguf` file.
+
+    Returns `(model, processor)`. A GGUF file gives a text-only decoder (e.g. SmolLM2).
+    """
+    if str(path_or_repo).endswith(".gguf"):
+        path = Path(path_or_repo).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such GGUF file")
+        model, _ = load_gguf(path, lazy=lazy)
+        if dtype is not None:
+            cast_floats(model, dtype)
+        return model, text_processor(Tokenizer.from_gguf(path))
+    path = get_model_path(str(path_or_repo))
+    return load_model(path, dtype=dtype, lazy=lazy), load_processor(path)
+
+
+def text_config(model):
+    # A VLM keeps its decoder's config under text_config; a TextModel's config is one.
+    return getattr(model.config, "text_config", model.config)
+
+
+def generate_step(
+    prompt: mx.array,
+    model,
+    *,
+    input_embeddings: mx.array | None = None,
+    prompt_cache: list | None = None,
+    max_tokens: int = 256,
+    sampler: Callable | None = None,
+    logits_processors: list[Callable] | None = None,
+    prefill_step_size: int = 512,
+) -> Iterator[tuple[int, mx.array]]:
+    """Yield (token, logprobs) pairs, computing each next token while the current one is read.
+
+    `prompt` holds the whole context's ids (1-D). A `prompt_cache` may already hold a prefix
+    of it; only the rest is prefilled, in chunks of `prefill_step_size`.
+    `input_embeddings` (1, L, D), if given, are those of the uncached ids (images merged).
+    """
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    sampler = sampler or make_sampler()
+    logits_processors = logits_processors or []
+    tokens = prompt
+    ids = prompt[cache[0].offset :]
+
+    def chunk(i, j):
+        if input_embeddings is not None:
+            return {"input_embeddings": input_embeddings[:, i:j]}
+        return {"input_ids": ids[None, i:j]}
+
+    def step(inputs: dict):
+        logits = model(**inputs, cache=cache)[:, -1, :]
+        if logits_processors:
+            for p in logits_processors:
+                logits = p(tokens, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs), logprobs.squeeze(0)
+
+    new, done = ids.size, 0
+    while new - done > 1:
+        n = min(prefill_step_size, new - done - 1)
+        model(**chunk(done, done + n), cache=cache)
+        mx.eval([c.state for c in cache])
+        done += n
+        mx.clear_cache()
+    y, logprobs = step(chunk(done, new))
+    mx.async_eval(y, logprobs)
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:
+            if logits_processors:
+                tokens = mx.concatenate([tokens, y])
+            next_y, next_logprobs = step({"input_ids": y[None]})
+            mx.async_eval(next_y, next_logprobs)
+        yield y.item(), logprobs
+        if n + 1 < max_tokens:
+            y, logprobs = next_y, next_logprobs
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed step: the new text and token, and the running statistics.
+
+    `finish_reason` is None while generating, then "stop" (end of utterance / eos or a
+    stop string) or "length" (max_tokens). Speeds are tokens per second; memory is in GB.
+    """
+
+    text: str
+    token: int
+    logprobs: mx.array
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: str | None = None
+    cached_tokens: int = 0
+
+
+def check_length(model, n_prompt: int, max_tokens: int):
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    limit = text_config(model).max_position_embeddings
+    if n_prompt + max_tokens > limit:
+        raise ValueError(
+            f"the prompt has {n_prompt} tokens and max_tokens is {max_tokens}: {n_prompt + max_tokens} "
+            f"is beyond the model's context length of {limit} tokens"
+        )
+
+
+def _held_back(text: str, stop: list[str]) -> int:
+    """Length of the longest end of `text` that could be the start of a stop string."""
+    for k in range(min(len(text), max(map(len, stop)) - 1), 0, -1):
+        if any(s.startswith(text[-k:]) for s in stop):
+            return k
+    return 0
+
+
+def stream_generate(
+    model,
+    processor,
+    prompt,
+    images=None,
+    *,
+    max_tokens: int = 256,
+    sampler: Callable | None = None,
+    logits_processors: list[Callable] | None = None,
+    stop: list[str] | None = None,
+    prompt_cache: PromptCache | None = None,
+    prefill_step_size: int = 512,
+    **controls,
+) -> Iterator[GenerationResponse]:
+    """Generate from chat `messages` (transformers' format) or a raw prompt string.
+
+    Yields a GenerationResponse per token. `controls` go to the processor
+    (do_image_splitting, max_tiles, longest_edge). A `prompt_cache` kept across calls
+    (multi-turn chat) prefills only the tokens that follow what it already holds.
+    """
+    inputs = processor(prompt, images=images, **controls)
+    ids = np.asarray(inputs["input_ids"])[0].tolist()
+    check_length(model, len(ids), max_tokens)
+    cache = prompt_cache if prompt_cache is not None else PromptCache(model)
+    tiles = tile_digests(inputs)
+    start = cache.reusable_prefix(ids, tiles)
+    cache.trim_to(start)
+    k = cache.tiles_in(ids[:start])
+    pixels = None
+    if len(tiles) > k:
+        pam = inputs.get("pixel_attention_mask")
+        pixels = (mx.array(inputs["pixel_values"][:, k:]), None if pam is None else mx.array(pam[:, k:]))
+
+    tokenizer = processor.tokenizer
+    eos = tokenizer.eos_token_ids
+    detok = StreamingDetokenizer(tokenizer)
+    stop = [s for s in (stop or []) if s]
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    prompt_arr = mx.array(ids)
+    embeds = None
+    if pixels:
+        embeds = model.get_input_embeddings(prompt_arr[None, start:], *pixels)
+    steps = generate_step(
+        prompt_arr,
+        model,
+        input_embeddings=embeds,
+        prompt_cache=cache.layers,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=logits_processors,
+        prefill_step_size=prefill_step_size,
+    )
+    generated, held = [], ""
+    try:
+        for n, (token, logprobs) in enumerate(steps):
+            if n == 0:
+                prompt_time = time.perf_counter() - tic
+                tic = time.perf_counter()
+            generated.append(token)
+            finish = None
+            if token in eos:
+                finish = "stop"
+            else:
+                detok.add_token(token)
+                if n + 1 == max_tokens:
+                    finish = "length"
+            if finish:
+                detok.finalize()
+            held += detok.last_segment
+            cut = min((held.find(s) for s in stop if s in held), default=-1)
+            if cut >= 0:
+                text, held, finish = held[:cut], "", "stop"
+            elif finish or not stop:
+                text, held = held, ""
+            else:
+                k = len(held) - _held_back(held, stop)
+                text, held = held[:k], held[k:]
+            yield GenerationResponse(
+                text=text,
+                token=token,
+                logprobs=logprobs,
+                prompt_tokens=len(ids),
+                prompt_tps=(len(ids) - start) / prompt_time,
+                generation_tokens=n + 1,
+                generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
+                peak_memory=mx.get_peak_memory() / 1e9,
+                finish_reason=finish,
+                cached_tokens=start,
+            )
+            if finish:
+                break
+    finally:
+        cache.record(ids, generated, tiles)
+
+
+def generate(model, processor, prompt, images=None, verbose: bool = False, **kwargs) -> str:
+    """Generate the whole answer and return its text.
+
+    With `verbose`, stream it to stdout and print the statistics. For the statistics
+    as values, read the last GenerationResponse of `stream_generate`.
+    """
+    text = ""
+    for r in stream_generate(model, processor, prompt, images, **kwargs):
+        if verbose:
+            print(r.text, end="", flush=True)
+        text += r.text
+    if verbose:
+        print()
+        print(format_stats(r))
+    return text
+
+
+def format_stats(r: GenerationResponse) -> str:
+    cached = f" ({r.cached_tokens} cached)" if r.cached_tokens else ""
+    return (
+        "==========\n"
+        f"Prompt: {r.prompt_tokens} tokens{cached}, {r.prompt_tps:.1f} tokens-per-sec\n"
+        f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens-per-sec\n"
+        f"Peak memory: {r.peak_memory:.3f} GB"
+    )

@@ -1,0 +1,62 @@
+"""A prompt cache for multi-turn chat: the KV cache plus what it holds (tokens and image
+tiles), so a later turn prefills only what follows the part it shares with the cache."""
+
+import hashlib
+
+from .cache import make_prompt_cache
+
+
+class PromptCache:
+    """A KV cache that remembers what it holds (tokens and image tiles), so a later chat
+    turn prefills only what follows the part it shares with the cache."""
+
+    def __init__(self, model):
+        self.layers = make_prompt_cache(model)
+        self.tokens: list[int] = []
+        self.tiles: list[bytes] = []  # digests of the cached image tiles, in prompt order
+        self.image_token_id = getattr(model.config, "image_token_id", None)
+        self.image_seq_len = getattr(model.config, "image_seq_len", 1)
+
+    @property
+    def offset(self) -> int:
+        return self.layers[0].offset
+
+    def tiles_in(self, ids: list[int]) -> int:
+        # Each tile's features fill `image_seq_len` consecutive `<image>` tokens, in order.
+        return ids.count(self.image_token_id) // self.image_seq_len
+
+    def reusable_prefix(self, ids: list[int], tiles: list[bytes]) -> int:
+        """Length of the cached prefix of `ids` whose image tiles are also the same pixels."""
+        # At most all but one token: the last one must run to give the next token's logits.
+        n, limit = 0, min(len(self.tokens), len(ids) - 1)
+        while n < limit and self.tokens[n] == ids[n]:
+            n += 1
+        same = 0
+        while same < min(len(tiles), len(self.tiles)) and tiles[same] == self.tiles[same]:
+            same += 1
+        image_pos = [i for i in range(n) if ids[i] == self.image_token_id]
+        if len(image_pos) > same * self.image_seq_len:
+            # Equal ids, other pixels (or a tile cut in two): stop before that tile.
+            n = image_pos[same * self.image_seq_len]
+        return n
+
+    def trim_to(self, n: int):
+        for c in self.layers:
+            c.trim(c.offset - n)
+        self.tokens = self.tokens[:n]
+        self.tiles = self.tiles[: self.tiles_in(self.tokens)]
+
+    def record(self, ids: list[int], generated: list[int], tiles: list[bytes]):
+        # The layers hold the prompt and every token fed back so far (one step runs ahead).
+        self.tokens = (ids + generated)[: self.offset]
+        self.tiles = tiles[: self.tiles_in(ids[: self.offset])]
+
+
+def tile_digests(inputs: dict) -> list[bytes]:
+    pv, pam = inputs.get("pixel_values"), inputs.get("pixel_attention_mask")
+    if pv is None:
+        return []
+    return [
+        hashlib.sha1(pv[0, i].tobytes() + (b"" if pam is None else pam[0, i].tobytes())).digest()
+        for i in range(pv.shape[1])
+    ]

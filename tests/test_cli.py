@@ -1,0 +1,110 @@
+"""`python -m mlx_smolvlm.generate` as a user runs it: real weights (the SmolLM2 GGUF),
+a tiny VLM checkpoint with images, chat, dry-run, bad input and Ctrl-C."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from make_generate_golden import gguf_path, tiny_folder, write_images
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+
+
+def cli(*args, stdin=None, timeout=120):
+    cmd = [sys.executable, "-m", "mlx_smolvlm.generate", *map(str, args)]
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=ENV)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_folder("tiny-idefics3", tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("images"))
+
+
+def test_gguf_answer_with_stats():
+    r = cli("--model", gguf_path(), "--system", "Be brief.", "--prompt", "What is the capital of France?",
+            "--verbose")
+    print(r.stdout)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    for stat in ("Prompt: ", "tokens-per-sec", "Generation: ", "Peak memory: "):
+        assert stat in r.stdout
+
+
+def test_images_and_tiling_controls(tiny, images):
+    r = cli("--model", tiny, "--image", images["wide.png"], "--image", images["square.png"],
+            "--prompt", "Compare.", "--max-tokens", 5, "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert "Generation: 5 tokens" in r.stdout
+    tiled = cli("--model", tiny, "--image", images["wide.png"], "--dry-run")
+    single = cli("--model", tiny, "--image", images["wide.png"], "--dry-run", "--no-split")
+    capped = cli("--model", tiny, "--image", images["wide.png"], "--dry-run", "--max-tiles", 4)
+    print(tiled.stdout, single.stdout, capped.stdout, sep="\n")
+    assert "3x4 grid + global = 13 tiles, 52 image tokens" in tiled.stdout
+    assert "1 tile (unsplit), 4 image tokens" in single.stdout
+    assert "predicted peak memory" in tiled.stdout and "of 2048 context" in tiled.stdout
+    assert "13 tiles" not in capped.stdout
+
+
+def test_chat_keeps_the_cache_between_turns(tiny):
+    r = cli("--model", tiny, "--chat", "--verbose", "--max-tokens", 4, stdin="Hello\nMore\n")
+    assert r.returncode == 0, r.stderr
+    stats = [line for line in r.stdout.splitlines() if "Prompt: " in line]
+    print(stats)
+    assert len(stats) == 2 and "cached" not in stats[0] and "cached)" in stats[1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temp", "-1"], "argument --temp: must be >= 0, got -1"),
+        (["--top-p", "0"], "argument --top-p: must be in (0, 1], got 0"),
+        (["--top-p", "1.5"], "argument --top-p: must be in (0, 1], got 1.5"),
+        (["--max-tokens", "0"], "argument --max-tokens: must be >= 1, got 0"),
+        (["--top-k", "x"], "argument --top-k: expected int, got 'x'"),
+        (["--image", "missing.png"], "--image missing.png: no such file"),
+        (["--no-split", "--max-tiles", "2"], "not allowed with argument --no-split"),
+    ],
+)
+def test_invalid_values_give_argparse_errors(args, message):
+    r = cli("--model", "unused", "--prompt", "hi", *args)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_model_and_context_length_give_one_line(tiny, images):
+    for args, message in [
+        (["--model", "no/such-model-here"], "without Hub access, pass --model a local folder"),
+        (["--model", "./nowhere"], "no such model folder"),
+        (["--model", "nowhere.gguf"], "no such GGUF file"),
+        (["--model", tiny, "--image", images["wide.png"], "--max-tokens", 2000], "context length of 2048"),
+    ]:
+        r = cli(*args, "--prompt", "hi")
+        print(r.stderr.strip())
+        assert r.returncode == 1 and message in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_prints_the_partial_answer_and_exits_cleanly():
+    cmd = [sys.executable, "-m", "mlx_smolvlm.generate", "--model", str(gguf_path()), "--max-tokens", "200",
+           "--prompt", "Write a long story about a dragon."]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=ENV)
+    seen = b""
+    deadline = time.time() + 120
+    while len(seen.split()) < 3 and time.time() < deadline:
+        seen += p.stdout.read(1)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    print((seen + out).decode(), err.decode())
+    assert p.returncode == 130
+    assert len((seen + out).split()) >= 3 and "Traceback" not in err.decode()

@@ -1,0 +1,249 @@
+"""The generate loop end to end on tiny checkpoints: greedy parity with transformers'
+`generate(do_sample=False)` (one tiled image, two images, two chat turns, text only),
+chunked prefill, cache reuse, stop conditions, streaming text and the samplers.
+
+References come live from transformers when torch is importable, else from
+tests/fixtures/generate_golden.json (tests/make_generate_golden.py); live runs also check
+that the fixture is current.
+"""
+
+import copy
+import importlib.util
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from make_generate_golden import GOLDEN, SCENARIOS, TINY, TINY_MAX_TOKENS, assistant, reply_text
+from make_generate_golden import scenario_turns, tiny_folder, write_images
+
+from mlx_smolvlm.detokenizer import StreamingDetokenizer
+from mlx_smolvlm.generation import generate, load, stream_generate
+from mlx_smolvlm.prompt_cache import PromptCache
+from mlx_smolvlm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
+from mlx_smolvlm.sample_utils import make_sampler
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, images):
+    """name -> (folder, model, processor, reference generations, source)."""
+    golden = json.loads(GOLDEN.read_text())["tiny"]
+    out = {}
+    for name in TINY:
+        folder = tiny_folder(name, tmp_path_factory.mktemp(name))
+        model, processor = load(folder)
+        ref, source = golden[name], "golden"
+        if HAS_TORCH:
+            from make_generate_golden import hf_tiny_generations
+
+            live = hf_tiny_generations(folder, images, sorted(processor.tokenizer.eos_token_ids))
+            assert live == ref, f"{GOLDEN.name} is stale for {name}: rerun tests/make_generate_golden.py"
+            ref, source = live, "live"
+        out[name] = (folder, model, processor, ref, source)
+    return out
+
+
+def run_turns(model, processor, turns, **kwargs):
+    """Our side of a scenario: one PromptCache across the turns, as the CLI's --chat."""
+    cache, messages, results = PromptCache(model), [], []
+    for turn in turns:
+        messages += turn
+        responses = list(stream_generate(model, processor, messages, max_tokens=TINY_MAX_TOKENS,
+                                         prompt_cache=cache, **kwargs))
+        tokens = [r.token for r in responses]
+        results.append((processor(messages)["input_ids"][0].tolist(), tokens, responses))
+        messages.append(assistant(reply_text(processor.tokenizer, tokens)))
+    return results
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("name", TINY)
+def test_greedy_matches_transformers(tiny, images, name, scenario):
+    _, model, processor, ref, source = tiny[name]
+    results = run_turns(model, processor, scenario_turns(scenario, images))
+    for i, ((ids, tokens, responses), expected) in enumerate(zip(results, ref[scenario])):
+        print(f"{name} {scenario} turn {i}: {len(ids)} prompt tokens "
+              f"({responses[-1].cached_tokens} cached), {len(tokens)} generated, equal: "
+              f"{tokens == expected['tokens']} ({source})")
+        assert ids == expected["input_ids"], "processor output differs from transformers'"
+        assert tokens == expected["tokens"]
+    if scenario == "two_turns":
+        # The second turn prefills only what follows the cached first turn.
+        first_prompt = len(results[0][0])
+        assert results[1][2][-1].cached_tokens >= first_prompt
+
+
+def test_raw_prompt_with_images_equals_messages(tiny, images):
+    _, model, processor, ref, _ = tiny["tiny-idefics3"]
+    messages = scenario_turns("tiled", images)[0]
+    prompt = processor.apply_chat_template(messages)
+    tokens = [r.token for r in stream_generate(model, processor, prompt, [images["wide.png"]],
+                                               max_tokens=TINY_MAX_TOKENS)]
+    assert tokens == ref["tiled"][0]["tokens"]
+
+
+def test_chunked_prefill_gives_the_same_tokens(tiny, images):
+    _, model, processor, ref, _ = tiny["tiny-idefics3"]
+    turns = scenario_turns("two_images", images)
+    (_, tokens, _), = run_turns(model, processor, turns, prefill_step_size=7)
+    assert tokens == ref["two_images"][0]["tokens"]
+
+
+def test_chunked_prefill_bounds_peak_memory(tiny):
+    _, model, processor, _, _ = tiny["tiny-idefics3"]
+    prompt = "the cat sat on the mat. " * 110  # ~1,500 tokens (tiny vocabulary) of a 2,048 context
+
+    def run(step):
+        rs = list(stream_generate(model, processor, prompt, max_tokens=4, prefill_step_size=step))
+        return [r.token for r in rs], rs[-1].peak_memory
+
+    (whole, whole_peak), (chunked, chunked_peak) = run(4096), run(128)
+    print(f"{len(processor(prompt)['input_ids'][0])}-token prompt: peak {whole_peak * 1e3:.1f} MB in one "
+          f"chunk, {chunked_peak * 1e3:.1f} MB in chunks of 128")
+    assert chunked == whole and chunked_peak < whole_peak / 2
+
+
+def test_stream_and_generate_agree_and_stop_reasons(tiny, images):
+    _, model, processor, ref, _ = tiny["tiny-idefics3"]
+    messages = scenario_turns("tiled", images)[0]
+    responses = list(stream_generate(model, processor, messages, max_tokens=10))
+    assert [r.finish_reason for r in responses] == [None] * 9 + ["length"]
+    text = "".join(r.text for r in responses)
+    assert text == generate(model, processor, messages, max_tokens=10)
+    assert text == processor.tokenizer.decode([r.token for r in responses], skip_special_tokens=True)
+    r = responses[-1]
+    assert r.prompt_tokens == len(ref["tiled"][0]["input_ids"]) and r.generation_tokens == 10
+    assert r.prompt_tps > 0 and r.generation_tps > 0 and r.peak_memory > 0
+
+    # A token declared end-of-utterance ends generation there, and its text is not emitted.
+    eos = ref["tiled"][0]["tokens"][5]
+    responses = list(stream_generate(model, with_eos(processor, eos), messages, max_tokens=20))
+    assert responses[-1].finish_reason == "stop" and responses[-1].token == eos
+    assert len(responses) == ref["tiled"][0]["tokens"].index(eos) + 1
+
+
+def with_eos(processor, eos: int):
+    p = copy.copy(processor)
+    p.tokenizer = copy.copy(processor.tokenizer)
+    p.tokenizer.eos_token_ids = {eos}
+    return p
+
+
+def test_stop_strings_end_the_text_and_are_never_streamed(tiny, images):
+    _, model, processor, _, _ = tiny["tiny-idefics3"]
+    messages = scenario_turns("text_only", images)[0]
+    full = generate(model, processor, messages, max_tokens=24)
+    assert len(full) >= 6
+    stop = full[len(full) // 2 :][:2]
+    cut = full.index(stop)
+    responses = list(stream_generate(model, processor, messages, max_tokens=24, stop=["\x00never", stop]))
+    assert "".join(r.text for r in responses) == full[:cut]
+    assert responses[-1].finish_reason == "stop"
+
+
+def test_context_length_is_checked_before_any_work(tiny, images):
+    _, model, processor, _, _ = tiny["tiny-idefics3"]
+    messages = scenario_turns("tiled", images)[0]
+    with pytest.raises(ValueError, match="beyond the model's context length of 2048"):
+        next(stream_generate(model, processor, messages, max_tokens=2000))
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        next(stream_generate(model, processor, messages, max_tokens=0))
+
+
+def test_cache_is_rebuilt_when_a_new_turn_changes_the_cached_images(tiny, images):
+    _, model, processor, _, _ = tiny["tiny-idefics3"]
+    wide, square = images["wide.png"], images["square.png"]
+    cache = PromptCache(model)
+    first = [{"role": "user", "content": [{"type": "image", "path": wide}, {"type": "text", "text": "a"}]}]
+    list(stream_generate(model, processor, first, max_tokens=2, prompt_cache=cache))
+    other = [{"role": "user", "content": [{"type": "image", "path": square}, {"type": "text", "text": "a"}]}]
+    fresh = [r.token for r in stream_generate(model, processor, other, max_tokens=8)]
+    reused = list(stream_generate(model, processor, other, max_tokens=8, prompt_cache=cache))
+    assert [r.token for r in reused] == fresh
+    assert reused[-1].cached_tokens < len(processor(other)["input_ids"][0])
+
+
+def test_detokenizer_never_splits_a_character(tiny):
+    tokenizer = tiny["tiny-idefics3"][2].tokenizer
+    text = "héllo wörld 日本語 🎉 naïve\nnext line ✓"
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text)  # the tiny vocabulary is mostly single bytes
+    detok = StreamingDetokenizer(tokenizer)
+    segments = []
+    for t in ids:
+        detok.add_token(t)
+        segments.append(detok.last_segment)
+    detok.finalize()
+    segments.append(detok.last_segment)
+    assert "".join(segments) == text == detok.text
+    assert not any("\ufffd" in s for s in segments)
+
+
+def logits_fixture():
+    return mx.array([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
+
+
+def test_sampling_filters():
+    logits = logits_fixture()
+    kept = lambda x: set(np.flatnonzero(np.isfinite(np.array(x[0]))))  # noqa: E731
+    assert kept(apply_top_k(logits, 2)) == {0, 5}
+    p = np.exp(np.array(logits[0])) / np.exp(np.array(logits[0])).sum()
+    # Top-p keeps the most likely tokens until their mass reaches p: 3.0, then 2.0, ...
+    assert kept(apply_top_p(logits, float(p[5]) - 1e-3)) == {5}
+    assert kept(apply_top_p(logits, float(p[5] + p[0]) - 1e-3)) == {0, 5}
+    assert kept(apply_min_p(logits, float(p[1] / p[5]) - 1e-3)) == {0, 1, 5}
+    assert make_sampler(0.0)(logits).item() == 5
+    for bad in (dict(temp=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(min_p=1.0)):
+        with pytest.raises(ValueError):
+            make_sampler(**{"temp": 1.0, **bad})
+    if HAS_TORCH:
+        filters_match_transformers()
+
+
+def filters_match_transformers():
+    import torch
+    from transformers.generation.logits_process import MinPLogitsWarper, TemperatureLogitsWarper
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = mx.random.normal((1, 64), key=mx.random.key(1)) * 3
+    t = torch.from_numpy(np.array(logits))
+    ids = torch.zeros((1, 1), dtype=torch.long)
+    for ours, ref in [
+        (apply_top_k(logits, 7), TopKLogitsWarper(7)(ids, t)),
+        (apply_top_p(logits, 0.8), TopPLogitsWarper(0.8)(ids, t)),
+        (apply_min_p(logits / 0.7, 0.05), MinPLogitsWarper(0.05)(ids, TemperatureLogitsWarper(0.7)(ids, t))),
+    ]:
+        assert np.array_equal(np.isfinite(np.array(ours)), torch.isfinite(ref).numpy())
+
+
+def test_repetition_penalty_matches_transformers_formula():
+    logits = logits_fixture()
+    tokens = mx.array([0, 4, 4, 2])
+    (penalty,) = make_logits_processors(1.5, repetition_context_size=3)
+    out = np.array(penalty(tokens, mx.array(logits)))[0]
+    ref = np.array(logits)[0].copy()
+    for t in {4, 2}:  # the last 3 tokens only
+        ref[t] = ref[t] * 1.5 if ref[t] < 0 else ref[t] / 1.5
+    np.testing.assert_allclose(out, ref)
+    assert make_logits_processors(1.0) == [] and make_logits_processors(None) == []
+
+
+def test_seeded_sampling_is_reproducible(tiny, images):
+    _, model, processor, _, _ = tiny["tiny-idefics3"]
+    messages = scenario_turns("text_only", images)[0]
+    sampler = make_sampler(temp=1.0, top_p=0.9, top_k=50, min_p=0.01)
+
+    def run(seed):
+        mx.random.seed(seed)
+        return [r.token for r in stream_generate(model, processor, messages, max_tokens=16, sampler=sampler,
+                                                 logits_processors=make_logits_processors(1.3))]
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
