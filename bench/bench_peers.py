@@ -70,13 +70,15 @@ def median_runs(fn, runs: int):
 def mlx_side(impl: str, model_dir: Path, config: str):
     """Load one MLX implementation as its user would and give the benchmark a common face:
     (decoder, separate head or None, embed(ids, pv, pam), lm(ids, cache, embeds), make_cache,
-    generate(cache, last_ids, n) -> seconds for n tokens after the first)."""
+    generate(cache, prompt_ids, n) -> seconds for the n tokens after the first, with the cache
+    holding all of the prompt but its last token)."""
     import mlx.core as mx
     import mlx.nn as nn
 
     dtype = mx.float32 if config == "float32" else mx.bfloat16
     if impl == "mlx_smolvlm":
         from mlx_smolvlm.cache import make_prompt_cache
+        from mlx_smolvlm.generation import generate_step
         from mlx_smolvlm.loading import load_model
 
         model = load_model(model_dir, dtype=dtype)
@@ -89,12 +91,9 @@ def mlx_side(impl: str, model_dir: Path, config: str):
         def make_cache():
             return make_prompt_cache(model)
 
-        def generate(cache, last_ids, n):
-            logits = lm(last_ids, cache)
-            mx.eval(logits)
-            t = clock()
-            decode(lm, cache, logits, n)
-            return clock() - t
+        def generate(cache, prompt_ids, n):
+            steps = generate_step(prompt_ids[0], model, prompt_cache=cache, max_tokens=n + 1)
+            return time_after_first(steps)
 
     else:
         from mlx.utils import tree_map
@@ -116,15 +115,10 @@ def mlx_side(impl: str, model_dir: Path, config: str):
         def make_cache():
             return vlm_cache.make_prompt_cache(model.language_model)
 
-        def generate(cache, last_ids, n):
-            # mlx-vlm's own decode loop, continuing the cache; its first yield is the prompt's token.
-            steps = generate_step(last_ids, model, None, None, max_tokens=n + 1, temperature=0.0,
+        def generate(cache, prompt_ids, n):
+            steps = generate_step(prompt_ids[:, -1:], model, None, None, max_tokens=n + 1, temperature=0.0,
                                   prompt_cache=cache)
-            next(steps)
-            t = clock()
-            for _ in steps:
-                pass
-            return clock() - t
+            return time_after_first(steps)
 
     if config == "4bit":
         # The same layers on both sides: every decoder Linear/Embedding (vision stays float).
@@ -154,19 +148,13 @@ def prefill(lm, make_cache, ids, embeds):
     return logits
 
 
-def decode(lm, cache, logits, n: int):
-    """Greedy, one step ahead: step k+1 is queued before token k is read (EOS ignored)."""
-    import mlx.core as mx
-
-    y = mx.argmax(logits[:, -1], axis=-1)
-    mx.async_eval(y)
-    out = []
-    for _ in range(n):
-        nxt = mx.argmax(lm(y[:, None], cache)[:, -1], axis=-1)
-        mx.async_eval(nxt)
-        out.append(y.item())
-        y = nxt
-    return out
+def time_after_first(steps) -> float:
+    """Seconds for a generate loop's tokens after its first (the prompt's last step)."""
+    next(steps)
+    t = clock()
+    for _ in steps:
+        pass
+    return clock() - t
 
 
 def run_mlx(impl, model_dir, config, pv_np, pam_np, ids_list, text_list, args):
@@ -182,11 +170,11 @@ def run_mlx(impl, model_dir, config, pv_np, pam_np, ids_list, text_list, args):
         return e
 
     def decode_after(p_ids, p_emb):
-        return generate(fill_cache(lm, make_cache, p_ids, p_emb), p_ids[:, -1:], args.tokens)
+        return generate(fill_cache(lm, make_cache, p_ids, p_emb), p_ids, args.tokens)
 
     # Warm-up on the text-only prompt: one pass of the image path is minutes on a CPU.
     text_emb = embed(text_ids, None, None)
-    generate(fill_cache(lm, make_cache, text_ids, text_emb), text_ids[:, -1:], 4)
+    generate(fill_cache(lm, make_cache, text_ids, text_emb), text_ids, 4)
 
     t_vision, emb = median_runs(vision, args.runs)
     t_prefill, _ = median_runs(lambda: prefill(lm, make_cache, ids, emb), args.runs)
