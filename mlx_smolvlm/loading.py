@@ -34,7 +34,7 @@ def get_model_path(path_or_repo: str, revision: str | None = None) -> Path:
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise CheckpointError(
             f"could not download {path_or_repo} from the Hugging Face Hub ({type(e).__name__}); "
-            "without Hub access, pass --model a local folder holding config.json and *.safetensors"
+            "without Hub access, pass a local folder holding config.json and *.safetensors instead (e.g. --model DIR)"
         ) from None
 
 

@@ -49,6 +49,12 @@ class Model(nn.Module):
                 mx.eval(parts[-1])  # free this batch's activations before the next
         return mx.concatenate(parts) if len(parts) > 1 else parts[0]
 
+    def tokens_per_image(self, height: int, width: int) -> int:
+        """Feature rows (image tokens) one image of this size gives: `image_seq_len` for a
+        tile, fewer for a smaller video frame."""
+        n = self.config.vision_config.patch_size * self.config.scale_factor
+        return (height // n) * (width // n)
+
     def get_input_embeddings(
         self,
         input_ids: mx.array,
@@ -75,11 +81,12 @@ class Model(nn.Module):
         is_image = input_ids == self.config.image_token_id
         real, n_tokens = np.array((pixels != 0).any(axis=(1, 2, 3))), is_image.sum().item()
         real_idx = np.flatnonzero(real)
-        n_rows = len(real_idx) * self.config.image_seq_len
+        per_image = self.tokens_per_image(H, W)
+        n_rows = len(real_idx) * per_image
         if n_tokens != n_rows:
             raise ValueError(
                 f"input_ids hold {n_tokens} image tokens but the {len(real_idx)} image(s) give "
-                f"{n_rows} feature rows ({self.config.image_seq_len} per image): the prompt and "
+                f"{n_rows} feature rows ({per_image} per image): the prompt and "
                 "the pixel values do not belong together"
             )
         if n_rows == 0:

@@ -1,7 +1,9 @@
 """SmolVLM / Idefics3 processor: chat template, image placeholders expanded into the exact
 reference token layout, tokenization and pixels. No torch or transformers at run time."""
 
-from dataclasses import dataclass
+import math
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,8 @@ from PIL import Image
 
 from .image_processing import URL_TIMEOUT, ImageError, ImageProcessor, load_image
 from .tokenizer import Tokenizer, load_tokenizer, read_json
+from .video import CHAT_TEMPLATE as VIDEO_CHAT_TEMPLATE
+from .video import VideoOptions, load_video, video_pixels, video_prompt
 
 # transformers' defaults when the tokenizer or processor config does not name them
 DEFAULT_IMAGE_SEQ_LEN = 169
@@ -18,6 +22,8 @@ IMAGE_TOKENS = {
     "global_image_token": "<global-img>",
 }
 IMAGE_KEYS = ("image", "url", "path", "base64")
+VIDEO_TOKEN = "<video>"
+VIDEO_CONTROLS = ("fps", "max_frames", "skip_secs", "frame_size")
 
 
 def image_prompt(rows, cols, image_seq_len, image_token, fake_image_token, global_image_token):
@@ -33,16 +39,18 @@ def image_prompt(rows, cols, image_seq_len, image_token, fake_image_token, globa
     return text + "\n" + glob
 
 
-def message_images(messages):
-    """Image sources in the order they appear in transformers-format messages."""
+def message_images(messages, kind="image"):
+    """Image (or, with kind="video", video) sources in the order they appear in
+    transformers-format messages."""
+    keys = (kind, *IMAGE_KEYS[1:])
     images = []
     for message in messages:
         content = message.get("content")
         if isinstance(content, str) or content is None:
             continue
         for block in content:
-            if block.get("type") == "image":
-                images.extend(block[k] for k in IMAGE_KEYS if k in block)
+            if block.get("type") == kind:
+                images.extend(block[k] for k in keys if k in block)
     return images
 
 
@@ -53,6 +61,7 @@ class Preflight:
     images: list  # ImagePlan per image
     image_seq_len: int
     prompt_tokens: list  # tokens each expanded placeholder adds to the prompt
+    videos: list = field(default_factory=list)  # (VideoFrames, image tokens, prompt tokens)
 
     @property
     def tiles(self):
@@ -79,9 +88,16 @@ class Preflight:
             f"({t} prompt tokens)"
             for i, (p, n, t) in enumerate(zip(self.images, self.image_tokens, self.prompt_tokens))
         ]
+        for i, (v, n, t) in enumerate(self.videos):
+            lines.append(
+                f"video {i}: {v.path}: {v.duration:.1f} s at {v.fps:g} fps -> "
+                f"{len(v.indices)} frames, {n} image tokens ({t} prompt tokens)"
+            )
+        frames = sum(len(v.indices) for v, _, _ in self.videos)
         lines.append(
-            f"total: {self.total_tiles} tiles, {self.total_image_tokens} image tokens "
-            f"({sum(self.prompt_tokens)} prompt tokens)"
+            f"total: {self.total_tiles} tiles{f' + {frames} frames' if self.videos else ''}, "
+            f"{self.total_image_tokens + sum(n for _, n, _ in self.videos)} image tokens "
+            f"({sum(self.prompt_tokens) + sum(t for _, _, t in self.videos)} prompt tokens)"
         )
         return "\n".join(lines)
 
@@ -107,9 +123,10 @@ class Processor:
     SmolVLMProcessor / Idefics3Processor (PIL image-processor path)."""
 
     def __init__(self, tokenizer, image_processor=None, image_seq_len=DEFAULT_IMAGE_SEQ_LEN,
-                 timeout=URL_TIMEOUT):
+                 timeout=URL_TIMEOUT, video_options=None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.video_options = video_options or VideoOptions()
         self.image_seq_len = image_seq_len
         self.timeout = timeout
         special = tokenizer.special_tokens
@@ -119,6 +136,8 @@ class Processor:
 
     def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
         """Render transformers-format messages with the checkpoint's chat template."""
+        if message_images(messages, "video"):
+            kwargs.setdefault("chat_template", VIDEO_CHAT_TEMPLATE)
         return self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, **kwargs
         )
@@ -142,10 +161,13 @@ class Processor:
         if images and self.image_processor is None:
             raise ValueError("this model has no image processor: it takes text only")
 
-    def preflight(self, messages_or_images, **controls):
-        """Tiles and image tokens per image and in total, from image headers only."""
+    def preflight(self, messages_or_images, videos=None, **controls):
+        """Tiles, frames and image tokens per image, per video and in total, from image
+        headers and video containers only (nothing is decoded)."""
+        video_controls = {k: controls.pop(k) for k in VIDEO_CONTROLS if k in controls}
         if messages_or_images and isinstance(messages_or_images[0], dict):
             sources = message_images(messages_or_images)
+            videos = message_images(messages_or_images, "video") if videos is None else videos
         else:
             sources = list(messages_or_images)
         if sources and self.image_processor is None:
@@ -154,31 +176,106 @@ class Processor:
             self.image_processor.plan(*_upright_size(s, self.timeout), **controls) for s in sources
         ]
         lengths = [len(self.tokenizer.encode(self._image_prompt(p))) for p in plans]
-        return Preflight(plans, self.image_seq_len, lengths)
+        probed = []
+        if videos:
+            side = self.image_processor.tile_size if sources else 0
+            options, block = self._video_setup(video_controls, side)
+        for source in videos or []:
+            v = load_video(source, options.fps, options.max_frames, options.skip_secs, decode=False)
+            text = video_prompt(v, block)
+            probed.append((v, text.count(self.image_token), len(self.tokenizer.encode(text))))
+        return Preflight(plans, self.image_seq_len, lengths, probed)
 
     def _image_prompt(self, plan):
         return image_prompt(plan.rows, plan.cols, self.image_seq_len, **self.image_tokens)
 
-    def __call__(self, messages, images=None, add_generation_prompt=True, **controls):
-        """Model inputs as numpy arrays (batch of 1): input_ids, attention_mask and, with images,
-        pixel_values and pixel_attention_mask. `controls`: do_image_splitting, max_tiles,
-        longest_edge (all off by default)."""
+    def __call__(self, messages, images=None, add_generation_prompt=True, videos=None, **controls):
+        """Model inputs as numpy arrays (batch of 1): input_ids, attention_mask and, with images
+        or videos, pixel_values and pixel_attention_mask (tiles and frames in prompt order).
+        `controls`: do_image_splitting, max_tiles, longest_edge; for videos fps, max_frames,
+        skip_secs, frame_size (all off by default)."""
         prompt, sources = self._prompt_and_images(messages, images, add_generation_prompt)
         self._check_counts(prompt, sources)
+        video_controls = {k: controls.pop(k) for k in VIDEO_CONTROLS if k in controls}
+        if videos is None and not isinstance(messages, str):
+            videos = message_images(messages, "video")
+        # frames smaller than the image tiles are padded to them and cost a tile's tokens
+        side = self.image_processor.tile_size if sources else 0
+        media = self._videos(prompt, videos or [], video_controls, side)
         out = {}
         if sources:
             pil = [load_image(s, self.timeout) for s in sources]
             pixel_values, mask, plans = self.image_processor(pil, **controls)
-            pieces = prompt.split(self.image_token)
-            expanded = [pieces[0]]
-            for plan, piece in zip(plans, pieces[1:]):
-                expanded += [self._image_prompt(plan), piece]
-            prompt = "".join(expanded)
+            tiles = np.cumsum([0] + [p.num_tiles for p in plans])
+            media["image"] = [
+                (self._image_prompt(p), pixel_values[0, a:b], mask[0, a:b])
+                for p, a, b in zip(plans, tiles, tiles[1:])
+            ]
+        if media["image"] or media["video"]:
+            prompt, pixel_values, mask = self._expand(prompt, media)
             out = {"pixel_values": pixel_values, "pixel_attention_mask": mask}
         # chat-template output already holds its special tokens, as transformers assumes
         ids = self.tokenizer.encode(prompt, add_special_tokens=isinstance(messages, str))
         input_ids = np.array([ids], dtype=np.int64)
         return {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids), **out}
+
+    def _videos(self, prompt, videos, controls, min_side=0):
+        n = prompt.count(VIDEO_TOKEN)
+        if n != len(videos):
+            raise ValueError(
+                f"the prompt has {n} {VIDEO_TOKEN} placeholder(s) but {len(videos)} video(s) "
+                "were given"
+            )
+        if not videos:
+            return {"image": [], "video": []}
+        options, block = self._video_setup(controls, min_side)
+        ip, items = self.image_processor, []
+        for source in videos:
+            video, pixels = video_pixels(
+                source, options, ip.image_mean, ip.image_std, ip.rescale_factor
+            )
+            items.append((video_prompt(video, block), pixels, np.ones(pixels[:, 0].shape, bool)))
+        return {"image": [], "video": items}
+
+    def _video_setup(self, controls, min_side):
+        """Video options with `controls` applied, and the image block of one frame."""
+        if self.image_processor is None:
+            raise ValueError("this model has no image processor: it takes text only")
+        options = VideoOptions(**{**vars(self.video_options), **controls})
+        tile = self.image_processor.tile_size
+        unit = tile // math.isqrt(self.image_seq_len)  # patch size x scale factor
+        if not (0 < options.frame_size <= tile and options.frame_size % unit == 0):
+            raise ValueError(
+                f"frame_size must be a multiple of {unit} up to {tile}, got {options.frame_size}"
+            )
+        # Tokens per frame scale with its (padded) area: a smaller frame_size costs fewer.
+        side = max(options.frame_size, min_side)
+        block = image_prompt(0, 0, self.image_seq_len * side**2 // tile**2, **self.image_tokens)
+        return options, block
+
+    def _expand(self, prompt, media):
+        """Replace `<image>` / `<video>` in prompt order; stack their tiles and frames,
+        zero-padded to a common size as the reference pads a batch."""
+        pattern = f"({re.escape(self.image_token)}|{re.escape(VIDEO_TOKEN)})"
+        queues = {self.image_token: iter(media["image"]), VIDEO_TOKEN: iter(media["video"])}
+        text, pixels, masks = [], [], []
+        for piece in re.split(pattern, prompt):
+            if piece in queues:
+                piece, p, m = next(queues[piece])
+                pixels.append(p)
+                masks.append(m)
+            text.append(piece)
+        H = max(p.shape[2] for p in pixels)
+        W = max(p.shape[3] for p in pixels)
+        N = sum(len(p) for p in pixels)
+        pixel_values = np.zeros((1, N, pixels[0].shape[1], H, W), np.float32)
+        mask = np.zeros((1, N, H, W), bool)
+        i = 0
+        for p, m in zip(pixels, masks):
+            pixel_values[0, i : i + len(p), :, : p.shape[2], : p.shape[3]] = p
+            mask[0, i : i + len(p), : m.shape[1], : m.shape[2]] = m
+            i += len(p)
+        return "".join(text), pixel_values, mask
 
 
 def load_processor(path, timeout=URL_TIMEOUT):
@@ -197,6 +294,7 @@ def load_processor(path, timeout=URL_TIMEOUT):
         image_processor,
         image_seq_len=image_seq_len or DEFAULT_IMAGE_SEQ_LEN,
         timeout=timeout,
+        video_options=VideoOptions.from_config(image_config),
     )
 
 

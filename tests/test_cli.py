@@ -84,7 +84,7 @@ def test_invalid_values_give_argparse_errors(args, message):
 
 def test_bad_model_and_context_length_give_one_line(tiny, images):
     for args, message in [
-        (["--model", "no/such-model-here"], "without Hub access, pass --model a local folder"),
+        (["--model", "no/such-model-here"], "without Hub access, pass a local folder"),
         (["--model", "./nowhere"], "no such model folder"),
         (["--model", "nowhere.gguf"], "no such GGUF file"),
         (["--model", tiny, "--image", images["wide.png"], "--max-tokens", 2000], "context length of 2048"),
