@@ -3,6 +3,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .config import ModelConfig
 
 
@@ -34,5 +35,6 @@ class Connector(nn.Module):
         self.scale_factor = cfg.scale_factor
         self.modality_projection = ModalityProjection(cfg)
 
-    def __call__(self, x):
-        return self.modality_projection(pixel_shuffle(x, self.scale_factor))
+    def __call__(self, x, use_kernel: bool = True):
+        shuffle = kernels.pixel_shuffle if use_kernel and kernels.can_use_kernel() else pixel_shuffle
+        return self.modality_projection(shuffle(x, self.scale_factor))
