@@ -109,12 +109,13 @@ def load_weights_strict(model: nn.Module, weights: dict):
     model.load_weights(list(weights.items()))
 
 
-def cast_floats(model: nn.Module, dtype: mx.Dtype):
+def cast_float(v: mx.array, dtype: mx.Dtype) -> mx.array:
     # Quantized weights are integers and stay; scales and biases follow the dtype.
-    params = tree_flatten(model.parameters())
-    model.load_weights(
-        [(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in params]
-    )
+    return v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+
+
+def cast_floats(model: nn.Module, dtype: mx.Dtype):
+    model.load_weights([(k, cast_float(v, dtype)) for k, v in tree_flatten(model.parameters())])
 
 
 def load_model(path_or_repo: str | Path, dtype: mx.Dtype | None = None, lazy: bool = False) -> Model:
@@ -126,11 +127,12 @@ def load_model(path_or_repo: str | Path, dtype: mx.Dtype | None = None, lazy: bo
         raise CheckpointError(f"{path}/config.json: {e}") from None
     model = Model(config)
     weights = model.sanitize(load_safetensors(path))
+    if dtype is not None:
+        # Cast before loading, so stored and cast copies of the weights are never all alive.
+        weights = {k: cast_float(v, dtype) for k, v in weights.items()}
     if config.quantization:
         apply_quantization(model, config.quantization, weights)
     load_weights_strict(model, weights)
-    if dtype is not None:
-        cast_floats(model, dtype)
     if not lazy:
         mx.eval(model.parameters())
     model.eval()

@@ -157,6 +157,20 @@ def test_context_length_is_checked_before_any_work(tiny, images):
         next(stream_generate(model, processor, messages, max_tokens=0))
 
 
+def test_second_turn_about_the_same_image_never_runs_the_vision_tower(tiny, images, monkeypatch):
+    _, model, processor, _, _ = tiny["tiny-idefics3"]
+    cache = PromptCache(model)
+    turn = [{"role": "user", "content": [{"type": "image", "path": images["wide.png"]},
+                                         {"type": "text", "text": "a"}]}]
+    tokens = [r.token for r in stream_generate(model, processor, turn, max_tokens=3, prompt_cache=cache)]
+    encoded = []
+    monkeypatch.setattr(model, "get_image_features", lambda *a: encoded.append(a) or 1 / 0)
+    turn += [assistant(reply_text(processor.tokenizer, tokens)),
+             {"role": "user", "content": [{"type": "text", "text": "and?"}]}]
+    second = list(stream_generate(model, processor, turn, max_tokens=3, prompt_cache=cache))
+    assert encoded == [] and second[-1].cached_tokens > processor.preflight(turn).total_image_tokens
+
+
 def test_cache_is_rebuilt_when_a_new_turn_changes_the_cached_images(tiny, images):
     _, model, processor, _, _ = tiny["tiny-idefics3"]
     wide, square = images["wide.png"], images["square.png"]
