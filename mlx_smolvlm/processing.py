@@ -95,7 +95,8 @@ class Preflight:
             )
         frames = sum(len(v.indices) for v, _, _ in self.videos)
         lines.append(
-            f"total: {self.total_tiles} tiles{f' + {frames} frames' if self.videos else ''}, "
+            f"total: {self.total_tiles} tile{'s' * (self.total_tiles != 1)}"
+            f"{f' + {frames} frames' if self.videos else ''}, "
             f"{self.total_image_tokens + sum(n for _, n, _ in self.videos)} image tokens "
             f"({sum(self.prompt_tokens) + sum(t for _, _, t in self.videos)} prompt tokens)"
         )
