@@ -2,6 +2,8 @@
 
 import mlx.nn as nn
 
+from mlx_smolvlm.loading import QUANT_BITS, QUANT_GROUP_SIZES
+
 # The chosen --q-bits; any other number is a fixed width.
 Q = "q"
 
@@ -35,8 +37,7 @@ DESCRIPTIONS = {
     "decoder": "decoder layers at --q-bits; everything else stays float",
 }
 
-BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
+BITS, GROUP_SIZES = QUANT_BITS, QUANT_GROUP_SIZES
 
 
 def check_args(bits: int, group_size: int, recipe: str):

@@ -69,8 +69,27 @@ def load_safetensors(path: Path) -> dict:
     return weights
 
 
+# What MLX's affine quantization packs (and so what a checkpoint may ask for).
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
+QUANT_GROUP_SIZES = (32, 64, 128)
+
+
+def check_quantization(quantization: dict):
+    settings = [("quantization", quantization)] + [
+        (f"quantization[{k!r}]", v) for k, v in quantization.items() if isinstance(v, dict)
+    ]
+    for where, q in settings:
+        mode, bits, group = q.get("mode", "affine"), q.get("bits"), q.get("group_size")
+        if mode != "affine" or bits not in QUANT_BITS or group not in QUANT_GROUP_SIZES:
+            raise CheckpointError(
+                f"unsupported {where}: mode {mode!r}, bits {bits}, group_size {group} "
+                f"(supported: affine, bits {QUANT_BITS}, group sizes {QUANT_GROUP_SIZES})"
+            )
+
+
 def apply_quantization(model: nn.Module, quantization: dict, weights: dict):
     """Quantize the layers the checkpoint stores quantized, as its config describes."""
+    check_quantization(quantization)
 
     def predicate(p, m):
         if p in quantization:

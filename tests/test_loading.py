@@ -165,3 +165,22 @@ def reference_pixel_shuffle(x: np.ndarray, r: int) -> np.ndarray:
 def test_pixel_shuffle_is_the_reference_permutation(r, side, d):
     x = np.arange(2 * side * side * d, dtype=np.float32).reshape(2, side * side, d)
     assert np.array_equal(np.array(pixel_shuffle(mx.array(x), r)), reference_pixel_shuffle(x, r))
+
+
+@pytest.mark.parametrize(
+    "quantization, message",
+    [
+        ({"group_size": 64, "bits": 7}, "bits 7"),
+        ({"group_size": 48, "bits": 4}, "group_size 48"),
+        ({"group_size": 32, "bits": 4, "mode": "mxfp4"}, "mxfp4"),
+        ({"group_size": 64, "bits": 4, "model.text_model.layers.0.mlp.up_proj": {"group_size": 64, "bits": 1}},
+         r"quantization\['model.text_model.layers.0.mlp.up_proj'\]"),
+    ],
+)
+def test_unsupported_quantization_is_refused(tmp_path, quantization, message):
+    path = copy_tiny(tmp_path)
+    cfg = tiny_config()
+    cfg["quantization"] = quantization
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"unsupported.*{message}"):
+        load_model(path)
