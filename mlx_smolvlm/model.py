@@ -92,9 +92,12 @@ class Model(nn.Module):
         if n_rows == 0:
             return embeds
 
-        idx = mx.array(real_idx)
-        patch_mask = patch_attention_mask(pam[idx], self.config.vision_config.patch_size)
-        feats = self.get_image_features(pixels[idx].transpose(0, 2, 3, 1), patch_mask)
+        if len(real_idx) < B * N:
+            # Only batch padding is dropped: the gather copies every pixel it keeps.
+            idx = mx.array(real_idx)
+            pixels, pam = pixels[idx], pam[idx]
+        patch_mask = patch_attention_mask(pam, self.config.vision_config.patch_size)
+        feats = self.get_image_features(pixels.transpose(0, 2, 3, 1), patch_mask)
         feats = feats.reshape(-1, feats.shape[-1]).astype(embeds.dtype)
         # k-th image token (row-major over the batch) takes the k-th feature row.
         flat = is_image.reshape(-1)
