@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from convert import convert, quantize_model  # noqa: E402
 from convert.quality import TEXTS, agreement, all_logits, image_prompt, text_ids  # noqa: E402
 from convert.save import folder_bytes  # noqa: E402
-from mlx_smolvlm.loading import cast_floats, load_model  # noqa: E402
+from mlx_smolvlm.loading import cast_floats, dequantize_model, load_model  # noqa: E402
 
 RUNS = ("float", "all:4", "mixed:4", "text:4", "decoder:4", "all:8")
 GGUF_RUNS = ("float", "all:4", "mixed:4", "decoder:4", "all:8")
@@ -60,27 +59,12 @@ def smolvlm_worker(src: Path, run: str, work: Path, tokens: int) -> dict:
     return stats, all_logits(model, prompts)
 
 
-def dequantized(model: nn.Module) -> dict:
-    """Float weights of a (partly) quantized model."""
-    weights = dict(tree_flatten(model.parameters()))
-    for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
-            weights[f"{path}.weight"] = w.astype(mx.float32)
-            del weights[f"{path}.scales"], weights[f"{path}.biases"]
-    return weights
-
-
 def gguf_worker(path: Path, run: str, tokens: int) -> dict:
     from mlx_smolvlm.gguf import load_gguf
-    from mlx_smolvlm.language import TextModel
     from mlx_smolvlm.tokenizer import Tokenizer
 
-    q4, _ = load_gguf(path)
-    model = TextModel(q4.config)
-    model.load_weights(list(dequantized(q4).items()))
-    del q4
-    cast_floats(model, mx.bfloat16)  # as a converted checkpoint would ship
+    # bfloat16 float weights, as a converted checkpoint would ship
+    model = dequantize_model(load_gguf(path)[0], mx.bfloat16)
     if run != "float":
         recipe, bits = run.split(":")
         quantize_model(model, int(bits), 64, recipe)

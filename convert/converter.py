@@ -6,7 +6,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_smolvlm.loading import cast_floats, get_model_path, load_config, load_model
+from mlx_smolvlm.loading import get_model_path, load_config, load_model
 
 from .card import model_card
 from .compat import explicit_config, with_reader_paths
@@ -86,11 +86,9 @@ def convert(
     _log(f"loading {hf_path}")
     path = get_model_path(hf_path)
     raw = load_config(path)
-    model = load_model(path, lazy=True)
+    model = load_model(path, dtype=dtype and getattr(mx, dtype), lazy=True)
     if quantize and model.config.quantization:
         raise ConvertError(f"{hf_path} is already quantized: convert from the float checkpoint")
-    if dtype is not None:
-        cast_floats(model, getattr(mx, dtype))
 
     config = explicit_config(raw, model.config)
     quantization = layers = quality = None

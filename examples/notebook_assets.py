@@ -9,10 +9,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_unflatten
-
 ROOT = Path(__file__).resolve().parent.parent
 # make_tokenizer is a repository script, not part of the installed package
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -35,23 +31,3 @@ def tiny_vlm(dest) -> Path:
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         shutil.copy(TINY_FIXTURE / name, dest / name)
     return write_processor_for_model(dest, json.loads((TINY_FIXTURE / "config.json").read_text()))
-
-
-def dequantize(model: nn.Module, dtype=mx.float32) -> nn.Module:
-    """Replace every quantized layer of `model` by its float twin, in place."""
-    layers = []
-    for name, m in model.named_modules():
-        if not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            continue
-        w = mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits).astype(dtype)
-        if isinstance(m, nn.QuantizedEmbedding):
-            f = nn.Embedding(*w.shape)
-        else:
-            f = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
-            if "bias" in m:
-                f.bias = m.bias.astype(dtype)
-        f.weight = w
-        layers.append((name, f))
-    model.update_modules(tree_unflatten(layers))
-    mx.eval(model.parameters())
-    return model

@@ -12,7 +12,7 @@ import mlx.core as mx
 from .cache import KVCache
 # generate and stream_generate also importable from here, as in mlx-lm
 from .generation import format_stats, generate, load, stream_generate  # noqa: F401
-from .loading import CheckpointError, get_model_path
+from .loading import get_model_path
 from .model import Model
 from .processing import load_processor, text_processor
 from .prompt_cache import PromptCache
@@ -117,10 +117,9 @@ def dry_run(args, controls) -> str:
         from .gguf import text_config as gguf_text_config
 
         path = Path(args.model).expanduser()
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such GGUF file")
-        cfg = gguf_text_config(*reversed(read_gguf(path)))
-        processor = text_processor(Tokenizer.from_gguf(path))
+        weights, metadata = read_gguf(path)
+        cfg = gguf_text_config(metadata, weights)
+        processor = text_processor(Tokenizer.from_gguf(path, metadata))
         weight_bytes, dtype_bytes = path.stat().st_size, 4
     else:
         from .config import ModelConfig

@@ -12,7 +12,7 @@ import numpy as np
 from .cache import make_prompt_cache
 from .detokenizer import StreamingDetokenizer
 from .gguf import load_gguf
-from .loading import CheckpointError, cast_floats, get_model_path, load_model
+from .loading import get_model_path, load_model
 from .processing import load_processor, text_processor
 from .prompt_cache import PromptCache, tile_digests
 from .sample_utils import make_sampler
@@ -26,12 +26,8 @@ def load(path_or_repo: str | Path, dtype: mx.Dtype | None = None, lazy: bool = F
     """
     if str(path_or_repo).endswith(".gguf"):
         path = Path(path_or_repo).expanduser()
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such GGUF file")
-        model, _ = load_gguf(path, lazy=lazy)
-        if dtype is not None:
-            cast_floats(model, dtype)
-        return model, text_processor(Tokenizer.from_gguf(path))
+        model, metadata = load_gguf(path, dtype=dtype, lazy=lazy)
+        return model, text_processor(Tokenizer.from_gguf(path, metadata))
     path = get_model_path(str(path_or_repo))
     return load_model(path, dtype=dtype, lazy=lazy), load_processor(path)
 

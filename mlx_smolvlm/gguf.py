@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from .config import ConfigError, TextConfig
 from .language import TextModel
-from .loading import CheckpointError, apply_quantization, load_weights_strict
+from .loading import CheckpointError, apply_quantization, cast_float, load_weights_strict
 
 GROUP_SIZE = 32
 
@@ -32,7 +32,11 @@ BLOCK_NAMES = {
 NAME_RE = re.compile(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|scales|biases)")
 
 
-def read_gguf(path: Path) -> tuple[dict, dict]:
+def read_gguf(path: str | Path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a GGUF file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such GGUF file")
     try:
         return mx.load(str(path), return_metadata=True)
     except Exception as e:  # mx.load raises bare RuntimeErrors, e.g. on K-quants
@@ -117,12 +121,15 @@ def quantization(weights: dict) -> dict:
     return q
 
 
-def load_gguf(path: str | Path, lazy: bool = False) -> tuple[TextModel, dict]:
+def load_gguf(
+    path: str | Path, dtype: mx.Dtype | None = None, lazy: bool = False
+) -> tuple[TextModel, dict]:
     """A GGUF file -> (TextModel, GGUF metadata). The metadata holds the tokenizer."""
-    path = Path(path)
     weights, meta = read_gguf(path)
     cfg = text_config(meta, weights)
     weights = sanitize(weights, cfg)
+    if dtype is not None:
+        weights = {k: cast_float(v, dtype) for k, v in weights.items()}
     model = TextModel(cfg)
     apply_quantization(model, quantization(weights), weights)
     load_weights_strict(model, weights)

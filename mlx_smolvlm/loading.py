@@ -5,7 +5,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ConfigError, ModelConfig
 from .model import Model
@@ -105,6 +105,26 @@ def apply_quantization(model: nn.Module, quantization: dict, weights: dict):
         mode=quantization.get("mode", "affine"),
         class_predicate=predicate,
     )
+
+
+def dequantize_model(model: nn.Module, dtype: mx.Dtype = mx.float32) -> nn.Module:
+    """Replace every quantized layer of `model` by its float twin, in place."""
+    layers = []
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            continue
+        w = mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits).astype(dtype)
+        if isinstance(m, nn.QuantizedEmbedding):
+            f = nn.Embedding(*w.shape)
+        else:
+            f = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+            if "bias" in m:
+                f.bias = m.bias.astype(dtype)
+        f.weight = w
+        layers.append((name, f))
+    model.update_modules(tree_unflatten(layers))
+    mx.eval(model.parameters())
+    return model
 
 
 def load_weights_strict(model: nn.Module, weights: dict):

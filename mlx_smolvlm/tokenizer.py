@@ -61,9 +61,10 @@ class Tokenizer:
         raise AttributeError(name)
 
     @classmethod
-    def from_gguf(cls, path):
-        """Tokenizer from the vocabulary, merges and chat template stored in a GGUF file."""
-        backend, chat_template, special = tokenizer_from_gguf(path)
+    def from_gguf(cls, path, metadata=None):
+        """Tokenizer from the vocabulary, merges and chat template stored in a GGUF file
+        (`metadata`: the file's, when it was already read)."""
+        backend, chat_template, special = tokenizer_from_gguf(path, metadata)
         return cls(backend, chat_template, special)
 
     @property
@@ -171,20 +172,7 @@ def _bytes_to_unicode():
     return dict(zip(bs, map(chr, cs)))
 
 
-def _gguf_metadata(path):
-    import mlx.core as mx
-
-    path = Path(path)
-    if not path.is_file():
-        raise TokenizerError(f"{path}: no such GGUF file")
-    try:
-        _, metadata = mx.load(str(path), return_metadata=True)
-    except Exception as e:
-        raise TokenizerError(f"{path}: cannot read GGUF ({e})") from None
-    return metadata
-
-
-def tokenizer_from_gguf(path):
+def tokenizer_from_gguf(path, metadata=None):
     """Build a `tokenizers.Tokenizer` from the byte-level BPE vocabulary of a GGUF file.
 
     Returns `(tokenizer, chat_template, special_tokens)` where `special_tokens` maps
@@ -192,7 +180,11 @@ def tokenizer_from_gguf(path):
     tokenizer.json: single digits split off, GPT-2 byte-level regex, control tokens added
     as special tokens.
     """
-    md = _gguf_metadata(path)
+    if metadata is None:
+        from .gguf import read_gguf
+
+        metadata = read_gguf(path)[1]
+    md = metadata
     if md.get("tokenizer.ggml.model") != "gpt2":
         raise TokenizerError(
             f"{path}: tokenizer {md.get('tokenizer.ggml.model')!r} is not byte-level BPE (gpt2)"

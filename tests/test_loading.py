@@ -184,3 +184,20 @@ def test_unsupported_quantization_is_refused(tmp_path, quantization, message):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=f"unsupported.*{message}"):
         load_model(path)
+
+
+def test_dequantize_model_gives_the_quantized_models_float_twin():
+    import mlx.nn as nn
+
+    from mlx_smolvlm.loading import dequantize_model
+
+    model = load_model(TINY)
+    decoder = lambda p, m: hasattr(m, "to_quantized") and ("text_model" in p or p == "lm_head")  # noqa: E731
+    nn.quantize(model, group_size=32, bits=8, class_predicate=decoder)
+    ids = mx.array([[1, 2, 3, 4, 5]])
+    quantized = model(ids)
+    dequantize_model(model)
+    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    diff = mx.abs(model(ids) - quantized).max().item()
+    print(f"dequantized vs quantized logits: max diff {diff:.2e} (tol 1e-4)")
+    assert diff <= 1e-4
