@@ -30,9 +30,9 @@ from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from convert import convert, quantize_model  # noqa: E402
-from convert.quality import TEXTS, agreement, all_logits, image_prompt, text_ids  # noqa: E402
-from convert.save import folder_bytes  # noqa: E402
+from mlx_smolvlm.convert import convert, quantize_model  # noqa: E402
+from mlx_smolvlm.convert.quality import TEXTS, agreement, all_logits, image_prompt, text_ids  # noqa: E402
+from mlx_smolvlm.convert.save import folder_bytes  # noqa: E402
 from mlx_smolvlm.loading import cast_floats, dequantize_model, load_model  # noqa: E402
 
 RUNS = ("float", "all:4", "mixed:4", "text:4", "decoder:4", "all:8")

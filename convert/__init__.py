@@ -1,4 +1,4 @@
-"""Convert SmolVLM / SmolVLM2 checkpoints to MLX folders: `python -m convert --help`."""
+"""Convert SmolVLM / SmolVLM2 checkpoints to MLX folders: `python -m mlx_smolvlm.convert --help`."""
 
 from .converter import ConvertError, convert
 from .recipes import RECIPES, quantize_model

@@ -1,4 +1,4 @@
-"""python -m convert: a SmolVLM / SmolVLM2 checkpoint -> an MLX folder (optionally quantized)."""
+"""python -m mlx_smolvlm.convert: a SmolVLM / SmolVLM2 checkpoint -> an MLX folder (optionally quantized)."""
 
 import argparse
 import signal
@@ -14,7 +14,7 @@ EPILOG = "recipes:\n" + "\n".join(f"  {k:8} {v}" for k, v in DESCRIPTIONS.items(
 
 def main(argv=None):
     ap = argparse.ArgumentParser(
-        prog="python -m convert",
+        prog="python -m mlx_smolvlm.convert",
         description=__doc__,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

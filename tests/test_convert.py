@@ -9,10 +9,10 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from convert import ConvertError, RECIPES, convert, quantize_model
-from convert.__main__ import main
-from convert.compat import reader_path
-from convert.quality import agreement, all_logits, image_prompt
+from mlx_smolvlm.convert import ConvertError, RECIPES, convert, quantize_model
+from mlx_smolvlm.convert.__main__ import main
+from mlx_smolvlm.convert.compat import reader_path
+from mlx_smolvlm.convert.quality import agreement, all_logits, image_prompt
 from mlx_smolvlm.loading import CheckpointError, load_model, load_safetensors
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -223,7 +223,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
 
 @pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
 def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch, error):
-    import convert.converter as converter
+    import mlx_smolvlm.convert.converter as converter
 
     def write_then_fail(folder, *args):
         (folder / "model.safetensors").write_bytes(b"partial")
@@ -236,7 +236,7 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch, error):
 
 
 def test_interrupted_overwrite_keeps_the_old_output(tmp_path, monkeypatch):
-    import convert.converter as converter
+    import mlx_smolvlm.convert.converter as converter
 
     src, out = source(tmp_path), tmp_path / "out"
     convert(str(src), out)
@@ -317,7 +317,7 @@ def test_mlx_vlm_loads_the_output_with_the_same_logits(tmp_path, recipe):
 def test_quality_prompts_use_the_checkpoint_tokenizer(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from convert.quality import TEXTS, text_ids
+    from mlx_smolvlm.convert.quality import TEXTS, text_ids
 
     words = sorted({w for t in TEXTS for w in t.split()})
     tok = Tokenizer(models.WordLevel({w: i + 1 for i, w in enumerate(words)} | {"[UNK]": 0}, unk_token="[UNK]"))
