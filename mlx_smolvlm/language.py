@@ -60,6 +60,14 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def attention_mask(L: int, cache):
+    # A batch cache (batch_cache.py) masks each row's left padding; otherwise one new
+    # token attends to everything cached and a longer chunk needs causality.
+    if hasattr(cache, "make_mask"):
+        return cache.make_mask(L)
+    return "causal" if L > 1 else None
+
+
 class LanguageModel(nn.Module):
     """transformers' LlamaModel: embeddings, layers, final norm."""
 
@@ -73,8 +81,7 @@ class LanguageModel(nn.Module):
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
         if cache is None:
             cache = [None] * len(self.layers)
-        # One new token attends to everything cached; a longer chunk needs causality.
-        mask = "causal" if h.shape[1] > 1 else None
+        mask = attention_mask(h.shape[1], cache[0])
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
         return self.norm(h)
