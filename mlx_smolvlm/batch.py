@@ -99,7 +99,7 @@ class Sequence:
         self.ids = np.asarray(inputs["input_ids"])[0].tolist()
         self.params = params
         self.on_event = on_event
-        self.sampler = make_row_sampler(params.temperature, params.top_p, params.seed)
+        self.sampler = None  # made on the engine thread, which owns every MLX array
         self.text = TextStream(tokenizer, params)
         self.cached = 0
         self.last = None  # the token to feed next
@@ -210,7 +210,8 @@ class BatchEngine:
             self.active.append(seq)
 
     def _prefill(self, seq: Sequence) -> list:
-        model, inputs, ids = self.model, seq.inputs, seq.ids
+        model, inputs, ids, p = self.model, seq.inputs, seq.ids, seq.params
+        seq.sampler = make_row_sampler(p.temperature, p.top_p, p.seed)
         tiles = tile_digests(inputs)
         pv = inputs.get("pixel_values")
         per_tile = model.tokens_per_image(*pv.shape[-2:]) if pv is not None else 1
