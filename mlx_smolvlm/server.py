@@ -76,8 +76,9 @@ def _logprobs(tokenizer, e: Event) -> dict:
 
 
 def create_app(engine: BatchEngine, model_id: str, limits: Limits | None = None,
-               api_key: str | None = None) -> FastAPI:
-    limits = limits or Limits()
+               api_key: str | None = None, controls: dict | None = None) -> FastAPI:
+    """`controls` go to the processor with every request (e.g. do_image_splitting=False)."""
+    limits, controls = limits or Limits(), controls or {}
     runner = EngineThread(engine)
     tokenizer = engine.processor.tokenizer
 
@@ -133,7 +134,7 @@ def create_app(engine: BatchEngine, model_id: str, limits: Limits | None = None,
         authorize(request)
         req = await parse_chat(await read_json(request), limits)
         try:
-            inputs = await asyncio.to_thread(engine.processor, req.messages)
+            inputs = await asyncio.to_thread(engine.processor, req.messages, **controls)
             seq, queue = runner.submit(inputs, req.params)
         except ValueError as e:  # images the model cannot take, a prompt beyond the context
             raise RequestError(str(e), "messages") from None
@@ -225,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remote-timeout", type=float, default=d.remote_timeout)
     p.add_argument("--remote-max-bytes", type=int, default=d.remote_max_bytes)
     p.add_argument("--allow-local-files", action="store_true", help="accept file paths as media URLs")
+    p.add_argument("--no-image-splitting", action="store_true",
+                   help="one tile per image (no upscaling and tiling): fewer tokens, less detail")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -248,7 +251,8 @@ def main(argv=None):
         remote_timeout=args.remote_timeout, remote_max_bytes=args.remote_max_bytes,
         allow_local_files=args.allow_local_files,
     )
-    app = create_app(engine, args.model_id or str(args.model), limits, args.api_key)
+    controls = {"do_image_splitting": False} if args.no_image_splitting else {}
+    app = create_app(engine, args.model_id or str(args.model), limits, args.api_key, controls)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 

@@ -292,3 +292,18 @@ def test_load_16_clients_with_bad_requests(client, server, solo, images):
     print(f"peak batch {peak}; memory {base} -> {after['memory']['active_bytes']}; {after}")
     assert peak > 1
     assert after["memory"]["active_bytes"] <= base * 1.05 + 2**20
+
+
+def test_video_part(client, solo, folder, tmp_path):
+    from video_synth import make_video
+
+    path = tmp_path / "clip.mp4"
+    make_video(path, 2, 4, 48, 32)
+    url = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                             {"type": "text", "text": "What happens?"}]}]
+    r = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS)
+    model, processor = load(folder)
+    local = [{"role": "user", "content": [{"type": "video", "path": str(path)},
+                                          {"type": "text", "text": "What happens?"}]}]
+    assert r.choices[0].message.content == generate(model, processor, local, max_tokens=MAX_TOKENS)
