@@ -4,7 +4,8 @@
     python bench/server_concurrency.py --clients 1,4 --max-tokens 16
 
 SmolVLM-256M's real config with random weights (checkpoints/smolvlm-256m, written by
-bench_peers.ensure_checkpoint on first use), cast to --dtype. Every request carries its own
+bench_peers.ensure_checkpoint on first use), cast to --dtype; `--layers 3,10` keeps its
+widths with fewer vision and decoder layers, for CPUs too slow for the whole model. Every request carries its own
 512x512 image (distinct pixels, one tile: --no-image-splitting) and a short question, greedy.
 The cross-request caches are off, so only batching is measured. Each (N, mode) runs on a
 fresh server process so its peak memory (MLX's, from /health) is its own.
@@ -37,6 +38,29 @@ def image_url(seed: int, side: int) -> str:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def reduced_checkpoint(vision_layers: int, text_layers: int) -> Path:
+    """SmolVLM-256M's config with fewer layers, random float32 weights, and a processor."""
+    path = ROOT / f"checkpoints/smolvlm-256m-v{vision_layers}t{text_layers}"
+    if not (path / "tokenizer.json").exists():
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from make_checkpoint import PRESETS, build_model
+        from make_tokenizer import write_processor_for_model
+
+        preset = json.loads(json.dumps(PRESETS["smolvlm-256m"]))
+        preset["vision_config"]["num_hidden_layers"] = vision_layers
+        preset["text_config"]["num_hidden_layers"] = text_layers
+        build_model(preset).save_pretrained(path)
+        write_processor_for_model(path, json.loads((path / "config.json").read_text()))
+    return path
+
+
+def content(n: int, i: int, args) -> list:
+    if args.text_only:  # distinct prompts of equal length
+        return [{"type": "text", "text": f"Write a short story about lighthouse number {1000 * n + i}."}]
+    return [{"type": "image_url", "image_url": {"url": image_url(1000 * n + i, args.side)}},
+            {"type": "text", "text": "Describe this image."}]
 
 
 def start_server(model: Path, dtype: str, port: int, log) -> subprocess.Popen:
@@ -102,8 +126,12 @@ def main():
     p.add_argument("--clients", default="1,4,8,16")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--side", type=int, default=512, help="image side in pixels (one tile)")
+    p.add_argument("--text-only", action="store_true", help="questions without images")
+    p.add_argument("--layers", help="VISION,TEXT: the 256M config with fewer layers (a slow CPU)")
     args = p.parse_args()
-    if args.model == ROOT / "checkpoints/smolvlm-256m":
+    if args.layers:
+        args.model = reduced_checkpoint(*map(int, args.layers.split(",")))
+    elif args.model == ROOT / "checkpoints/smolvlm-256m":
         from bench_peers import ensure_checkpoint
 
         ensure_checkpoint(args.model)
@@ -112,9 +140,7 @@ def main():
     for n in map(int, args.clients.split(",")):
         bodies = [{"model": "m", "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
                    "stream_options": {"include_usage": True},
-                   "messages": [{"role": "user", "content": [
-                       {"type": "image_url", "image_url": {"url": image_url(1000 * n + i, args.side)}},
-                       {"type": "text", "text": "Describe this image."}]}]} for i in range(n)]
+                   "messages": [{"role": "user", "content": content(n, i, args)}]} for i in range(n)]
         for concurrent in (False, True):
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
@@ -132,7 +158,8 @@ def main():
             rows.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
 
-    print(f"\nSmolVLM-256M config, random weights, {args.dtype}, 1 tile + question, "
+    what = "text-only question" if args.text_only else "1 tile + question"
+    print(f"\n{args.model.name}: random weights, {args.dtype}, {what}, "
           f"{args.max_tokens} new tokens per request, greedy\n")
     print("| N | mode | wall s | tokens | aggregate tok/s | TTFT p50 s | TTFT p95 s | peak MB | tok/s ratio |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -4,7 +4,6 @@ greedy tokens, the cross-request caches hit, and a cancelled sequence frees its 
 
 import mlx.core as mx
 import pytest
-from make_generate_golden import tiny_folder, write_images
 
 from mlx_smolvlm.batch import BatchEngine, SamplingParams, batch_generate
 from mlx_smolvlm.batch_cache import BatchKVCache
@@ -15,9 +14,9 @@ MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    model, processor = load(tiny_folder("tiny-idefics3", tmp_path_factory.mktemp("tiny")))
-    return model, processor, write_images(tmp_path_factory.mktemp("images"))
+def tiny(tiny_idefics3, sample_images):
+    model, processor = load(tiny_idefics3)
+    return model, processor, sample_images
 
 
 def user(text, images=()):

@@ -16,7 +16,6 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import openai
 import pytest
-from make_generate_golden import tiny_folder, write_images
 from PIL import Image
 
 from mlx_smolvlm.generation import generate, load
@@ -33,20 +32,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return tiny_folder("tiny-idefics3", tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("images"))
-
-
-@pytest.fixture(scope="module")
-def server(folder, tmp_path_factory):
+def server(tiny_idefics3, tmp_path_factory):
     port = free_port()
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    cmd = [sys.executable, "-m", "mlx_smolvlm.server", "--model", str(folder), "--port", str(port),
+    cmd = [sys.executable, "-m", "mlx_smolvlm.server", "--model", str(tiny_idefics3), "--port", str(port),
            "--api-key", KEY, "--max-images", "3", "--max-image-pixels", "20000",
            "--max-tokens-limit", "500", "--max-request-bytes", "200000", "--remote-timeout", "2"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -74,9 +63,9 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def solo(folder):
+def solo(tiny_idefics3):
     """Greedy text of a request run alone through the Python API."""
-    model, processor = load(folder)
+    model, processor = load(tiny_idefics3)
     memo = {}
 
     def run(messages, max_tokens=MAX_TOKENS):
@@ -116,8 +105,8 @@ def ask(text, *image_urls, system=None):
     return msgs + [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
 
 
-def good_requests(images):
-    wide, square = data_url(images["wide.png"]), data_url(images["square.png"])
+def good_requests(sample_images):
+    wide, square = data_url(sample_images["wide.png"]), data_url(sample_images["square.png"])
     return [
         ask("Describe this.", wide),
         ask("Hello there, how are you?"),
@@ -129,9 +118,9 @@ def good_requests(images):
     ]
 
 
-def bad_requests(images):
+def bad_requests(sample_images):
     """(request kwargs, status, param) that the server must refuse."""
-    wide = data_url(images["wide.png"])
+    wide = data_url(sample_images["wide.png"])
     big = io.BytesIO()
     Image.new("RGB", (200, 200)).save(big, "PNG")
     big_url = "data:image/png;base64," + base64.b64encode(big.getvalue()).decode()
@@ -150,16 +139,16 @@ def bad_requests(images):
     ]
 
 
-def test_answers_equal_solo_generation(client, solo, images):
-    for messages in good_requests(images):
+def test_answers_equal_solo_generation(client, solo, sample_images):
+    for messages in good_requests(sample_images):
         r = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS)
         assert r.choices[0].message.content == solo(messages)
         assert r.usage.completion_tokens <= MAX_TOKENS
         assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
-def test_stream_with_usage_and_cached_tokens(client, solo, images):
-    messages = good_requests(images)[0]
+def test_stream_with_usage_and_cached_tokens(client, solo, sample_images):
+    messages = good_requests(sample_images)[0]
     for attempt in range(2):
         chunks = list(client.chat.completions.create(
             model="m", messages=messages, max_tokens=MAX_TOKENS, stream=True,
@@ -173,8 +162,8 @@ def test_stream_with_usage_and_cached_tokens(client, solo, images):
     assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
 
 
-def test_logprobs_stop_and_special_tokens(client, solo, images):
-    messages = good_requests(images)[1]
+def test_logprobs_stop_and_special_tokens(client, solo, sample_images):
+    messages = good_requests(sample_images)[1]
     r = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS,
                                        logprobs=True, top_logprobs=3)
     content = r.choices[0].logprobs.content
@@ -191,15 +180,15 @@ def test_logprobs_stop_and_special_tokens(client, solo, images):
     assert "<|reserved_special_token_" in kept.choices[0].message.content
 
 
-def test_seeded_sampling_repeats(client, images):
-    kw = dict(model="m", messages=good_requests(images)[1], max_tokens=MAX_TOKENS, temperature=1.0,
+def test_seeded_sampling_repeats(client, sample_images):
+    kw = dict(model="m", messages=good_requests(sample_images)[1], max_tokens=MAX_TOKENS, temperature=1.0,
               top_p=0.95, seed=3)
     a, b = (client.chat.completions.create(**kw).choices[0].message.content for _ in range(2))
     assert a == b
 
 
-def test_limits_auth_and_media(client, server, images, tmp_path):
-    for kwargs, status, param in bad_requests(images):
+def test_limits_auth_and_media(client, server, sample_images, tmp_path):
+    for kwargs, status, param in bad_requests(sample_images):
         with pytest.raises(openai.APIStatusError) as e:
             client.chat.completions.create(model="m", **kwargs)
         assert e.value.status_code == status, kwargs
@@ -210,7 +199,7 @@ def test_limits_auth_and_media(client, server, images, tmp_path):
     assert [m.id for m in client.models.list().data] == [client.models.list().data[0].id]
 
     # an http(s) image URL, from a loopback file server
-    (tmp_path / "i.png").write_bytes(open(images["square.png"], "rb").read())
+    (tmp_path / "i.png").write_bytes(open(sample_images["square.png"], "rb").read())
     handler = lambda *a: SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
     files = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=files.serve_forever, daemon=True).start()
@@ -235,8 +224,8 @@ def wait_idle(server, timeout=30):
     raise AssertionError(f"still busy: {h}")
 
 
-def test_disconnect_cancels_sequence(server, images):
-    body = {"model": "m", "messages": good_requests(images)[1], "max_tokens": 500, "stream": True}
+def test_disconnect_cancels_sequence(server, sample_images):
+    body = {"model": "m", "messages": good_requests(sample_images)[1], "max_tokens": 500, "stream": True}
     headers = {"Authorization": f"Bearer {KEY}"}
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=headers) as r:
         lines = r.iter_lines()
@@ -248,8 +237,8 @@ def test_disconnect_cancels_sequence(server, images):
     print(f"left the batch {time.perf_counter() - t:.3f} s after the disconnect")
 
 
-def test_load_16_clients_with_bad_requests(client, server, solo, images):
-    good, bad = good_requests(images), bad_requests(images)
+def test_load_16_clients_with_bad_requests(client, server, solo, sample_images):
+    good, bad = good_requests(sample_images), bad_requests(sample_images)
     want = [solo(m) for m in good]  # here: MLX in the test process stays on this thread
     for m in good:  # warm up: compile, fill the caches, then take the memory baseline
         client.chat.completions.create(model="m", messages=m, max_tokens=MAX_TOKENS)
@@ -294,7 +283,7 @@ def test_load_16_clients_with_bad_requests(client, server, solo, images):
     assert after["memory"]["active_bytes"] <= base * 1.05 + 2**20
 
 
-def test_video_part(client, solo, folder, tmp_path):
+def test_video_part(client, solo, tiny_idefics3, tmp_path):
     from video_synth import make_video
 
     path = tmp_path / "clip.mp4"
@@ -303,7 +292,7 @@ def test_video_part(client, solo, folder, tmp_path):
     messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
                                              {"type": "text", "text": "What happens?"}]}]
     r = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS)
-    model, processor = load(folder)
+    model, processor = load(tiny_idefics3)
     local = [{"role": "user", "content": [{"type": "video", "path": str(path)},
                                           {"type": "text", "text": "What happens?"}]}]
     assert r.choices[0].message.content == generate(model, processor, local, max_tokens=MAX_TOKENS)
