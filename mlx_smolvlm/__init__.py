@@ -1,6 +1,7 @@
 """SmolVLM and SmolVLM2 in MLX."""
 
+from .batch import batch_generate
 from .generation import generate, load, stream_generate
 from .loading import load_model
 
-__all__ = ["generate", "load", "load_model", "stream_generate"]
+__all__ = ["batch_generate", "generate", "load", "load_model", "stream_generate"]
