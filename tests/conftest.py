@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-# tests/make_golden.py and scripts/make_checkpoint.py are importable by the tests.
+# scripts/make_golden.py and scripts/make_checkpoint.py are importable by the tests.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
 
