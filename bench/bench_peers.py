@@ -74,6 +74,9 @@ def mlx_side(impl: str, model_dir: Path, config: str):
     (decoder, separate head or None, embed(ids, pv, pam), lm(ids, cache, embeds), make_cache,
     generate(cache, prompt_ids, n) -> seconds for the n tokens after the first, with the cache
     holding all of the prompt but its last token)."""
+    if impl == "mlx_smolvlm":
+        import mlx_smolvlm  # noqa: F401  before mlx.core: the system BLAS, as its users get it
+
     import mlx.core as mx
     import mlx.nn as nn
 
