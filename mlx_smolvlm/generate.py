@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-size", type=_checked(int, lambda v: v >= 1, ">= 1"),
                    help="square video frame side in pixels; smaller means fewer tokens per frame "
                    "(a multiple of 64 up to 512 on 256M/500M; default: the model's, 512)")
+    kv = p.add_argument_group("KV cache (as in mlx-lm)")
+    kv.add_argument("--kv-bits", type=int, choices=[4, 8], help="store the KV cache group-quantized")
+    kv.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64)
+    kv.add_argument("--quantized-kv-start", type=_checked(int, lambda v: v >= 0, ">= 0"), default=0,
+                    help="quantize once the cache holds this many positions (default 0: from the start, "
+                    "so long image and video prompts never hold a float cache)")
+    kv.add_argument("--max-kv-size", type=_checked(int, lambda v: v > 4, "> 4"),
+                    help="cap the cache at this many positions (rotating: the first 4 and the most recent)")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="compute dtype of the float weights (auto: float32 on a CPU with a fast BLAS, "
@@ -181,6 +189,10 @@ def stream_to_stdout(model, processor, messages, args, controls, prompt_cache=No
         logits_processors=make_logits_processors(args.repetition_penalty, args.repetition_context_size),
         stop=args.stop,
         prompt_cache=prompt_cache,
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
+        quantized_kv_start=args.quantized_kv_start,
+        max_kv_size=args.max_kv_size,
         **controls,
     ):
         print(r.text, end="", flush=True)
@@ -192,7 +204,7 @@ def stream_to_stdout(model, processor, messages, args, controls, prompt_cache=No
 
 
 def chat(model, processor, messages, args, controls):
-    cache = PromptCache(model)
+    cache = PromptCache(model, args.max_kv_size)
     prompt, images, videos = args.prompt, args.image, args.video
     print("Chat: type a message; Ctrl-D or an empty line ends.", file=sys.stderr)
     while True:

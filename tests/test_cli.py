@@ -113,3 +113,11 @@ def test_ctrl_c_prints_the_partial_answer_and_exits_cleanly():
     print((seen + out).decode(), err.decode())
     assert p.returncode == 130
     assert len((seen + out).split()) >= 3 and "Traceback" not in err.decode()
+
+
+def test_kv_cache_options():
+    r = cli("--model", gguf_path(), "--prompt", "What is the capital of France?", "--kv-bits", "8",
+            "--max-tokens", 8)
+    assert r.returncode == 0 and "Paris" in r.stdout, r.stderr
+    r = cli("--model", gguf_path(), "--prompt", "Hi", "--kv-bits", "4", "--max-kv-size", 64)
+    assert r.returncode == 1 and "cannot be quantized" in r.stderr
