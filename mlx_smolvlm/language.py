@@ -4,6 +4,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import TextConfig
+from .quantized_cache import attention
 
 
 class Attention(nn.Module):
@@ -31,7 +32,7 @@ class Attention(nn.Module):
         k = self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        o = attention(q, k, v, cache, self.scale, mask)  # k, v may be quantized (cache.py)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -73,8 +74,8 @@ class LanguageModel(nn.Module):
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
         if cache is None:
             cache = [None] * len(self.layers)
-        # One new token attends to everything cached; a longer chunk needs causality.
-        mask = "causal" if h.shape[1] > 1 else None
+        # The cache knows what a chunk may see (a rotating one masks beyond its window).
+        mask = cache[0].make_mask(h.shape[1]) if cache[0] is not None else ("causal" if h.shape[1] > 1 else None)
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
         return self.norm(h)

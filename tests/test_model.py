@@ -116,4 +116,6 @@ def test_vision_batches_do_not_change_features():
     ids = mx.array([[1] + [300] * (11 * T) + [2]])
     whole = model.get_input_embeddings(ids, pv)
     model.vision_batch_size = 3  # 11 images -> batches of 3, 3, 3, 2
-    assert mx.array_equal(model.get_input_embeddings(ids, pv), whole)
+    # Equal up to float32 rounding: a BLAS (OpenBLAS, mlx_smolvlm/blas.py) may block a matmul
+    # differently for another number of rows.
+    assert mx.allclose(model.get_input_embeddings(ids, pv), whole, rtol=1e-5, atol=1e-5)
