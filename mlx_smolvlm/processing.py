@@ -24,6 +24,12 @@ IMAGE_TOKENS = {
 IMAGE_KEYS = ("image", "url", "path", "base64")
 VIDEO_TOKEN = "<video>"
 VIDEO_CONTROLS = ("fps", "max_frames", "skip_secs", "frame_size")
+# transformers' Idefics3Processor has no video input: these models never saw the video prompt.
+NO_VIDEO_MODEL_TYPES = ("idefics3",)
+
+
+class MediaError(ValueError):
+    """Media the checkpoint cannot take (a video for a model never trained on video)."""
 
 
 def image_prompt(rows, cols, image_seq_len, image_token, fake_image_token, global_image_token):
@@ -124,8 +130,9 @@ class Processor:
     SmolVLMProcessor / Idefics3Processor (PIL image-processor path)."""
 
     def __init__(self, tokenizer, image_processor=None, image_seq_len=DEFAULT_IMAGE_SEQ_LEN,
-                 timeout=URL_TIMEOUT, video_options=None):
+                 timeout=URL_TIMEOUT, video_options=None, model_type=None):
         self.tokenizer = tokenizer
+        self.model_type = model_type  # the checkpoint's config.json model_type
         self.image_processor = image_processor
         self.video_options = video_options or VideoOptions()
         self.image_seq_len = image_seq_len
@@ -138,6 +145,7 @@ class Processor:
     def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
         """Render transformers-format messages with the checkpoint's chat template."""
         if message_images(messages, "video"):
+            self._check_video()
             kwargs.setdefault("chat_template", VIDEO_CHAT_TEMPLATE)
         return self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, **kwargs
@@ -238,10 +246,18 @@ class Processor:
             items.append((video_prompt(video, block), pixels, np.ones(pixels[:, 0].shape, bool)))
         return {"image": [], "video": items}
 
-    def _video_setup(self, controls, min_side):
-        """Video options with `controls` applied, and the image block of one frame."""
+    def _check_video(self):
         if self.image_processor is None:
             raise ValueError("this model has no image processor: it takes text only")
+        if self.model_type in NO_VIDEO_MODEL_TYPES:
+            raise MediaError(
+                f"model_type {self.model_type!r} takes no video: it was not trained on video "
+                "(transformers' Idefics3Processor has no video input); use a SmolVLM2 checkpoint"
+            )
+
+    def _video_setup(self, controls, min_side):
+        """Video options with `controls` applied, and the image block of one frame."""
+        self._check_video()
         options = VideoOptions(**{**vars(self.video_options), **controls})
         tile, size = self.image_processor.tile_size, options.frame_size
         unit = tile // math.isqrt(self.image_seq_len)  # patch size x scale factor
@@ -290,6 +306,7 @@ def load_processor(path, timeout=URL_TIMEOUT):
     image_config = read_json(path / "preprocessor_config.json")
     image_processor = ImageProcessor.from_dict(image_config) if image_config else None
     proc_config = read_json(path / "processor_config.json")
+    model_type = read_json(path / "config.json").get("model_type")
     image_seq_len = proc_config.get("image_seq_len", image_config.get("image_seq_len"))
     return Processor(
         tokenizer,
@@ -297,6 +314,7 @@ def load_processor(path, timeout=URL_TIMEOUT):
         image_seq_len=image_seq_len or DEFAULT_IMAGE_SEQ_LEN,
         timeout=timeout,
         video_options=VideoOptions.from_config(image_config),
+        model_type=model_type,
     )
 
 
