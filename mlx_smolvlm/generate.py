@@ -185,7 +185,7 @@ def chat(model, processor, messages, args, controls):
                 return
         messages.append(message(processor, "user", prompt, images, videos))
         reply = stream_to_stdout(model, processor, messages, args, controls, cache)
-        messages.append(message(processor, "assistant", reply))
+        messages.append(processor.reply_message(reply))
         prompt, images, videos = None, (), ()
 
 

@@ -3,6 +3,7 @@ reference token layout, tokenization and pixels. No torch or transformers at run
 
 import math
 import re
+from functools import cached_property
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,6 +151,33 @@ class Processor:
         return self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, **kwargs
         )
+
+    def reply_message(self, text: str) -> dict:
+        """The assistant message to append to a chat history for a reply the model generated.
+
+        SmolVLM's template ends the generation prompt with `Assistant:` but renders a stored
+        reply as `Assistant: ` + text: the model's own leading space would be written twice,
+        the history would differ from what the KV cache holds, and the next turn would prefill
+        the reply again. What the template inserts there is read from the template itself
+        (SmolVLM: a space; SmolLM2: nothing) and taken off the reply's start."""
+        sep = self._reply_separator
+        return self._text_message("assistant", text[len(sep) :] if sep and text.startswith(sep) else text)
+
+    def _text_message(self, role, text):
+        # Text-only chat templates (SmolLM2's) take a string; SmolVLM's take a content list.
+        if self.image_processor is None:
+            return {"role": role, "content": text}
+        return {"role": role, "content": [{"type": "text", "text": text}]}
+
+    @cached_property
+    def _reply_separator(self) -> str:
+        mark = "<<reply>>"
+        user = [self._text_message("user", "?")]
+        prompt = self.apply_chat_template(user)
+        full = self.apply_chat_template(user + [self._text_message("assistant", mark)], False)
+        if not full.startswith(prompt) or mark not in full[len(prompt) :]:
+            return ""
+        return full[len(prompt) : full.index(mark, len(prompt))]
 
     def _prompt_and_images(self, messages, images, add_generation_prompt):
         if isinstance(messages, str):
