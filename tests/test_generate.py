@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from goldens import assert_agrees
 from make_generate_golden import GOLDEN, SCENARIOS, TINY, TINY_MAX_TOKENS, assistant, reply_text
-from make_generate_golden import scenario_turns, tiny_folder, write_images
+from make_generate_golden import scenario_turns, tiny_folder, user, write_images
 
 from mlx_smolvlm.detokenizer import StreamingDetokenizer
 from mlx_smolvlm.generation import generate, load, stream_generate
@@ -279,3 +279,46 @@ def test_seeded_sampling_is_reproducible(tiny, images):
 
     assert run(3) == run(3)
     assert run(3) != run(4)
+
+
+def forcing(prompt_len: int, target: list[int]):
+    """A logits processor that makes the model emit `target`: a reply of canonical tokens."""
+    def force(tokens, logits):
+        n = min(tokens.size - prompt_len, len(target) - 1)  # the step run ahead of the stop
+        return mx.where(mx.arange(logits.shape[-1]) == target[n], 0.0, -mx.inf)[None]
+    return force
+
+
+@pytest.mark.parametrize("source", ["tiny-smolvlm", "smollm2-gguf"])
+def test_second_turn_reuses_all_of_the_first(tmp_path, images, source):
+    # SmolVLM's template renders a stored reply as `Assistant: ` + text after a generation
+    # prompt `Assistant:`; SmolLM2's adds nothing. Either way the history re-rendered with
+    # reply_message must tokenize to exactly what the cache holds.
+    from make_generate_golden import gguf_path
+
+    if source == "smollm2-gguf":
+        model, processor = load(gguf_path())
+        messages, end = [{"role": "user", "content": "What colours are there?"}], "<|im_end|>"
+    else:
+        model, processor = load(tiny_folder(source, tmp_path))
+        messages, end = [user("What colours are there?", [images["square.png"]])], "<end_of_utterance>"
+    tok = processor.tokenizer
+    # The reply ends with the end-of-turn token the template writes after a stored reply.
+    target = tok.encode(" Red, green and blue.", add_special_tokens=False) + [tok.convert_tokens_to_ids(end)]
+    cache = PromptCache(model)
+    n_prompt = len(processor(messages)["input_ids"][0])
+    first = list(stream_generate(model, processor, messages, max_tokens=len(target) + 1, prompt_cache=cache,
+                                 logits_processors=[forcing(n_prompt, target)]))
+    reply = "".join(r.text for r in first)
+    assert [r.token for r in first] == target and reply == " Red, green and blue."
+    held = cache.offset
+    assert held == n_prompt + len(target)
+    if source == "tiny-smolvlm":  # the reply stored as streamed (leading space) breaks the reuse
+        as_streamed = processor(messages + [assistant(reply)], add_generation_prompt=False)
+        assert as_streamed["input_ids"][0].tolist()[:held] != cache.tokens
+    messages += [processor.reply_message(reply), user("And shapes?") if source == "tiny-smolvlm"
+                 else {"role": "user", "content": "And shapes?"}]
+    second = list(stream_generate(model, processor, messages, max_tokens=1, prompt_cache=cache))
+    print(f"{source}: turn 1 held {held} tokens; turn 2 reused {second[-1].cached_tokens} "
+          f"of {second[-1].prompt_tokens}")
+    assert second[-1].cached_tokens == held

@@ -306,7 +306,7 @@ def test_video_controls(fast_processor, videos):
     assert int((out["input_ids"] == processor.image_token_id).sum()) == 8 * 16
     text = processor.tokenizer.decode(out["input_ids"][0].tolist())
     assert "series of eight frames from a 0:01:10" in text
-    with pytest.raises(ValueError, match="frame_size must be a multiple of 64"):
+    with pytest.raises(ValueError, match="frame_size must be 512 or a multiple of 64 below it"):
         processor(messages, frame_size=100)
 
 
@@ -416,4 +416,25 @@ def test_cli_bad_video_gives_one_line(tiny_vlm, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "junk.mp4: not a readable video" in r.stderr
     r = cli("--model", tiny_vlm, "--video", junk, "--frame-size", 100, "--dry-run")
-    assert r.returncode == 1 and "frame_size must be a multiple of 12" in r.stderr
+    assert r.returncode == 1 and "frame_size must be 36 or a multiple of 12 below it" in r.stderr
+
+
+def test_video_to_a_model_never_trained_on_video_is_refused(tmp_path, videos):
+    # SmolVLM v1 (and the docling models): model_type idefics3, whose reference processor has
+    # no video input. Refused before any decoding, naming the model type.
+    from make_generate_golden import tiny_folder
+    from test_cli import cli
+
+    from mlx_smolvlm.processing import MediaError, load_processor
+
+    folder = tiny_folder("tiny-idefics3", tmp_path / "v1")
+    processor = load_processor(folder)
+    messages = [{"role": "user", "content": [{"type": "video", "path": str(videos["short_24fps"])},
+                                             {"type": "text", "text": "What happens?"}]}]
+    for call in (processor, processor.preflight, processor.apply_chat_template):
+        with pytest.raises(MediaError, match="model_type 'idefics3' takes no video"):
+            call(messages)
+    r = cli("--model", folder, "--video", videos["short_24fps"], "--max-tokens", 2)
+    print(r.stderr)
+    assert r.returncode == 1 and "model_type 'idefics3' takes no video" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
