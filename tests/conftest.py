@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+import mlx_smolvlm  # noqa: F401  before any test module imports mlx.core: see mlx_smolvlm/blas.py
+
 # tests/make_golden.py and scripts/make_checkpoint.py are importable by the tests.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
