@@ -211,9 +211,11 @@ def write_checkpoint(name: str, legacy: Path, v5: Path, seed: int = 0, gguf=None
     """Build `name` with transformers, save it in both layouts; returns the torch model."""
     config = config_json(name)
     model = build_model(config, seed)
-    for dest in (legacy, v5):
-        dest.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(dest)
+    model.save_pretrained(v5)
+    legacy.mkdir(parents=True, exist_ok=True)
+    for f in v5.glob("*.*"):  # the same weight files, linked instead of written twice
+        (legacy / f.name).hardlink_to(f)
+    (legacy / "config.json").unlink()
     (legacy / "config.json").write_text(json.dumps(config, indent=2))
     write_legacy_processor(name, legacy, gguf)
     reference_processor(legacy, config["model_type"]).save_pretrained(v5)
