@@ -131,6 +131,54 @@ def same_weights(a, b):
     return pa.keys() == pb.keys() and all(mx.array_equal(pa[k], pb[k]).item() for k in pa)
 
 
+def test_video_processor_settings_are_its_own(checkpoints, media, tmp_path):
+    """transformers 5 layout whose video processor differs from the image processor (first
+    resize 2048 vs 1536, fps 2 / 4 frames vs fps 1 / 64): frames follow the video processor,
+    as transformers' SmolVLMVideoProcessor does (its settings are read live; its frames need
+    torchvision, so pixels are tied to its golden frame from tests/fixtures/video)."""
+    from test_video import ARRAYS
+
+    from mlx_smolvlm.video import frame_pixels, load_video, resize_frame, sample_frame_indices
+
+    _, v5, ref_model = checkpoints("HuggingFaceTB/SmolVLM2-256M-Video-Instruct")
+    folder = tmp_path / "video_differs"
+    shutil.copytree(v5, folder)
+    config = json.loads((folder / "processor_config.json").read_text())
+    image, video = config["image_processor"], config["video_processor"]
+    image.update(size={"longest_edge": 1536},
+                 video_sampling={"fps": 1, "max_frames": 64, "video_size": {"longest_edge": 1536}})
+    video.update(size={"longest_edge": 2048}, fps=2, num_frames=4,
+                 video_sampling={"fps": 2, "max_frames": 4, "video_size": {"longest_edge": 2048}})
+    (folder / "processor_config.json").write_text(json.dumps(config))
+
+    ref_video = reference_processor(folder, "smolvlm").video_processor
+    processor = load_processor(folder)
+    o = processor.video_options
+    assert (o.fps, o.max_frames, o.longest_edge, o.frame_size) == (
+        ref_video.fps, ref_video.num_frames, ref_video.size["longest_edge"],
+        ref_video.max_image_size["longest_edge"]) == (2, 4, 2048, 512)
+
+    msgs = [{"role": "user", "content": [{"type": "video", "path": str(media["video_3s"])},
+                                         {"type": "text", "text": "What happens?"}]}]
+    inputs = processor(msgs)
+    assert inputs["pixel_values"].shape[1] == len(sample_frame_indices(72, 24, 3.0, 2, 4)) == 4
+    # transformers' own frame at 2048 -> 512 (golden) is what resize_frame gives at the video
+    # processor's settings, and not at the image processor's; the processor used them
+    decoded, golden = ARRAYS["short_24fps/decoded"][0], ARRAYS["short_24fps/real"][0]
+    assert np.array_equal(resize_frame(decoded, 2048, 512), golden)
+    assert not np.array_equal(resize_frame(decoded, 1536, 512), golden)
+    frame = load_video(media["video_3s"], 2, 4, 1.0).frames[0]
+    assert np.array_equal(inputs["pixel_values"][0, 0], frame_pixels(resize_frame(frame, 2048, 512)[None])[0])
+
+    model = load_model(folder)
+    tokens, logprobs = our_greedy(model, processor, msgs, None)
+    ref_tokens, ref_logprobs = reference_greedy(ref_model, inputs)
+    diff = max_rel_diff(logprobs, ref_logprobs)
+    print(f"video settings differ: 4 frames, logprob max rel diff {diff:.1e}, tokens {tokens}")
+    assert diff <= TOL and tokens == ref_tokens[: len(tokens)]
+
+
+# SmolVLM2-256M first (PRESETS order): the video-settings test above built it already.
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_conformance(name, checkpoints, media, capsys):
     tic = time.perf_counter()
@@ -172,47 +220,3 @@ def test_conformance(name, checkpoints, media, capsys):
         assert len(tokens) == STEPS or tokens[-1] in eos
     with capsys.disabled():
         print("\n" + "\n".join(rows) + f"\n{name}: {time.perf_counter() - tic:.0f} s")
-
-
-def test_video_processor_settings_are_its_own(checkpoints, media, tmp_path):
-    """transformers 5 layout whose video processor differs from the image processor (first
-    resize 2048 vs 1536, fps 2 / 4 frames vs fps 1 / 64): frames follow the video processor,
-    as transformers' SmolVLMVideoProcessor does; pixels equal the reference's golden frame."""
-    from test_video import ARRAYS
-
-    from mlx_smolvlm.video import resize_frame, sample_frame_indices
-
-    _, v5, ref_model = checkpoints("HuggingFaceTB/SmolVLM2-256M-Video-Instruct")
-    folder = tmp_path / "video_differs"
-    shutil.copytree(v5, folder)
-    config = json.loads((folder / "processor_config.json").read_text())
-    image, video = config["image_processor"], config["video_processor"]
-    image.update(size={"longest_edge": 1536},
-                 video_sampling={"fps": 1, "max_frames": 64, "video_size": {"longest_edge": 1536}})
-    video.update(size={"longest_edge": 2048}, fps=2, num_frames=4,
-                 video_sampling={"fps": 2, "max_frames": 4, "video_size": {"longest_edge": 2048}})
-    (folder / "processor_config.json").write_text(json.dumps(config))
-
-    ref_video = reference_processor(folder, "smolvlm").video_processor
-    processor = load_processor(folder)
-    o = processor.video_options
-    assert (o.fps, o.max_frames, o.longest_edge, o.frame_size) == (
-        ref_video.fps, ref_video.num_frames, ref_video.size["longest_edge"],
-        ref_video.max_image_size["longest_edge"]) == (2, 4, 2048, 512)
-
-    msgs = [{"role": "user", "content": [{"type": "video", "path": str(media["video_3s"])},
-                                         {"type": "text", "text": "What happens?"}]}]
-    inputs = processor(msgs)
-    assert inputs["pixel_values"].shape[1] == len(sample_frame_indices(72, 24, 3.0, 2, 4)) == 4
-    golden = ARRAYS["short_24fps/real"][0]  # transformers' frame 0 at 2048 -> 512
-    frame0 = (golden.astype(np.float32).transpose(2, 0, 1) - 127.5) / 127.5
-    assert np.array_equal(inputs["pixel_values"][0, 0], frame0)
-    wrong = resize_frame(ARRAYS["short_24fps/decoded"][0], 1536, 512)  # the image processor's size
-    assert not np.array_equal(wrong, golden)
-
-    model = load_model(folder)
-    tokens, logprobs = our_greedy(model, processor, msgs, None)
-    ref_tokens, ref_logprobs = reference_greedy(ref_model, inputs)
-    diff = max_rel_diff(logprobs, ref_logprobs)
-    print(f"video settings differ: 4 frames, logprob max rel diff {diff:.1e}, tokens {tokens}")
-    assert diff <= TOL and tokens == ref_tokens[: len(tokens)]
