@@ -11,7 +11,8 @@ import numpy as np
 from PIL import Image
 
 from .image_processing import URL_TIMEOUT, ImageError, ImageProcessor, load_image
-from .tokenizer import Tokenizer, load_tokenizer, read_json
+from .processor_config import read_processor_settings
+from .tokenizer import Tokenizer, load_tokenizer
 from .video import CHAT_TEMPLATE as VIDEO_CHAT_TEMPLATE
 from .video import VideoOptions, load_video, video_pixels, video_prompt
 
@@ -266,10 +267,10 @@ class Processor:
         if not videos:
             return {"image": [], "video": []}
         options, block = self._video_setup(controls, min_side)
-        ip, items = self.image_processor, []
+        items = []
         for source in videos:
             video, pixels = video_pixels(
-                source, options, ip.image_mean, ip.image_std, ip.rescale_factor
+                source, options, options.image_mean, options.image_std, options.rescale_factor
             )
             items.append((video_prompt(video, block), pixels, np.ones(pixels[:, 0].shape, bool)))
         return {"image": [], "video": items}
@@ -325,23 +326,22 @@ class Processor:
 
 
 def load_processor(path, timeout=URL_TIMEOUT):
-    """Load the processor of a checkpoint folder (tokenizer files plus, for a VLM,
-    preprocessor_config.json and processor_config.json)."""
+    """Load the processor of a checkpoint folder: its tokenizer and, for a VLM, the image and
+    video processor settings in the Hub's legacy layout or transformers 5's."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
     tokenizer = load_tokenizer(path)
-    image_config = read_json(path / "preprocessor_config.json")
-    image_processor = ImageProcessor.from_dict(image_config) if image_config else None
-    proc_config = read_json(path / "processor_config.json")
+    settings = read_processor_settings(path)
+    if settings.image is None:
+        return text_processor(tokenizer, timeout)
     model_type = read_json(path / "config.json").get("model_type")
-    image_seq_len = proc_config.get("image_seq_len", image_config.get("image_seq_len"))
     return Processor(
         tokenizer,
-        image_processor,
-        image_seq_len=image_seq_len or DEFAULT_IMAGE_SEQ_LEN,
+        ImageProcessor.from_dict(settings.image),
+        image_seq_len=settings.image_seq_len or DEFAULT_IMAGE_SEQ_LEN,
         timeout=timeout,
-        video_options=VideoOptions.from_config(image_config),
+        video_options=VideoOptions.from_config(settings.video),
         model_type=model_type,
     )
 

@@ -1,3 +1,4 @@
+import json
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def processor_folder(tmp_path_factory):
     made = {}
 
     def make(**kwargs):
-        key = tuple(sorted(kwargs.items()))
+        key = json.dumps(kwargs, sort_keys=True)
         if key not in made:
             dest = tmp_path_factory.mktemp("processor")
             made[key] = write_processor_folder(dest, **kwargs)
