@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, help="random seed for sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--keep-special-tokens", action="store_true",
+                   help="keep added special tokens in the text (DocTags models: <doctag>, <loc_N> ...)")
     split = p.add_mutually_exclusive_group()
     split.add_argument("--no-split", action="store_true", help="one global tile per image, no tiling")
     split.add_argument("--max-tiles", type=at_least_1, help="tiles per image at most")
@@ -159,6 +161,7 @@ def stream_to_stdout(model, processor, messages, args, controls, prompt_cache=No
         logits_processors=make_logits_processors(args.repetition_penalty, args.repetition_context_size),
         stop=args.stop,
         prompt_cache=prompt_cache,
+        skip_special_tokens=not args.keep_special_tokens,
         **controls,
     ):
         print(r.text, end="", flush=True)
