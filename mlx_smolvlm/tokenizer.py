@@ -147,8 +147,12 @@ def load_tokenizer(path):
     for name, value in config.items():
         if name.endswith("_token") and isinstance(_token_content(value), str):
             special[name] = _token_content(value)
-    for name, value in (config.get("extra_special_tokens") or {}).items():
-        special[name] = _token_content(value)
+    # transformers 5 save_pretrained: `extra_special_tokens` is a plain list and the named
+    # ones (image_token ...) are under `model_specific_special_tokens`.
+    for key in ("extra_special_tokens", "model_specific_special_tokens"):
+        named = config.get(key)
+        for name, value in (named.items() if isinstance(named, dict) else ()):
+            special[name] = _token_content(value)
 
     eos_ids = set()
     if special.get("eos_token") is not None:

@@ -23,6 +23,11 @@ def write_source(preset: str, dest: Path, vision_layers: int = 1, text_layers: i
     """transformers-layout float32 checkpoint and processor files at `dest`."""
     config = with_layers(PRESETS[preset], vision_layers, text_layers)
     build_model(config, seed).save_pretrained(dest)
+    # Hub configs (transformers 4.x) state rope_theta; transformers 5 writes it only under
+    # rope_parameters, where mlx-vlm does not look (it would silently use 1e6).
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["text_config"]["rope_theta"] = cfg["text_config"]["rope_parameters"]["rope_theta"]
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2))
     write_processor_for_model(dest, json.loads((dest / "config.json").read_text()),
                               longest_edge=config["vision_config"]["image_size"])
     return dest
