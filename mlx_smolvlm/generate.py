@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most frames per video (default: the model's, 64)")
     p.add_argument("--frame-size", type=_checked(int, lambda v: v >= 1, ">= 1"),
                    help="square video frame side in pixels; smaller means fewer tokens per frame "
-                   "(a multiple of 64 up to 512 on 256M/500M; default: the model's, 512)")
+                   "(256M/500M: 512 or a multiple of 64 below; 2.2B: 384 or a multiple of 42 below; "
+                   "default: the model's)")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
     p.add_argument("--verbose", action="store_true", help="print prompt/decode speed and peak memory")
     p.add_argument("--dry-run", action="store_true", help="report tiles, tokens and predicted memory only")

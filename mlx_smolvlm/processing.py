@@ -243,15 +243,16 @@ class Processor:
         if self.image_processor is None:
             raise ValueError("this model has no image processor: it takes text only")
         options = VideoOptions(**{**vars(self.video_options), **controls})
-        tile = self.image_processor.tile_size
+        tile, size = self.image_processor.tile_size, options.frame_size
         unit = tile // math.isqrt(self.image_seq_len)  # patch size x scale factor
-        if not (0 < options.frame_size <= tile and options.frame_size % unit == 0):
-            raise ValueError(
-                f"frame_size must be a multiple of {unit} up to {tile}, got {options.frame_size}"
-            )
-        # Tokens per frame scale with its (padded) area: a smaller frame_size costs fewer.
-        side = max(options.frame_size, min_side)
-        block = image_prompt(0, 0, self.image_seq_len * side**2 // tile**2, **self.image_tokens)
+        # The tile is always whole (the 2.2B's 384 = 9 x 42 + 6: its 27x27 patch grid leaves
+        # 6 px unseen). A smaller frame must be whole units, or its patch grid would not
+        # divide by the scale factor.
+        if not (size == tile or (0 < size < tile and size % unit == 0)):
+            raise ValueError(f"frame_size must be {tile} or a multiple of {unit} below it, got {size}")
+        # Tokens per frame follow its (padded) side: a smaller frame_size costs fewer.
+        side = max(size, min_side)
+        block = image_prompt(0, 0, (side // unit) ** 2, **self.image_tokens)
         return options, block
 
     def _expand(self, prompt, media):

@@ -64,6 +64,10 @@ PRESETS = {
     # scale 3 over a 9x9 patch grid: 9 tokens per tile; tied head.
     "tiny-smolvlm": dict(model_type="smolvlm", scale_factor=3, image_token_id=300, tie_word_embeddings=True,
                          vision_config=dict(TINY_VISION, image_size=36), text_config=TINY_TEXT),
+    # The 2.2B geometry at tiny widths: 384-px tiles, 14-px patches (27x27, the last 6 px
+    # unseen), scale 3: 81 tokens per tile.
+    "tiny-p14": dict(model_type="smolvlm", scale_factor=3, image_token_id=300, tie_word_embeddings=False,
+                     vision_config=dict(TINY_VISION, patch_size=14, image_size=384), text_config=TINY_TEXT),
     "smolvlm-256m": dict(model_type="idefics3", scale_factor=4, image_token_id=49190,
                          vision_config=SIGLIP_B16, text_config=TEXT_135M),
     "smolvlm-500m": dict(model_type="idefics3", scale_factor=4, image_token_id=49190,
@@ -81,18 +85,17 @@ PRESETS = {
 }
 
 
-def with_layers(preset: dict, vision_layers: int, text_layers: int) -> dict:
-    """A preset at its real widths with fewer layers (what CPU tests can afford)."""
-    return dict(preset, vision_config=dict(preset["vision_config"], num_hidden_layers=vision_layers),
-                text_config=dict(preset["text_config"], num_hidden_layers=text_layers))
-
-
-def build_model(preset: dict, seed: int = 0):
+def build_model(preset: dict, seed: int = 0, layers: int | None = None):
+    """The reference model of `preset` with random weights; `layers` cuts both towers' depth
+    (real widths at a CPU test's cost)."""
     import torch
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, SmolVLMConfig
     from transformers import SmolVLMForConditionalGeneration
 
     preset = json.loads(json.dumps(preset))
+    if layers is not None:
+        for key in ("vision_config", "text_config"):
+            preset[key]["num_hidden_layers"] = layers
     if preset["model_type"] == "idefics3":
         config_cls, model_cls = Idefics3Config, Idefics3ForConditionalGeneration
     else:
@@ -128,11 +131,12 @@ def main(argv=None):
     ap.add_argument("out", type=Path)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, help="layers per tower (default: the preset's)")
     args = ap.parse_args(argv)
 
     import torch
 
-    model = build_model(PRESETS[args.preset], args.seed).to(getattr(torch, args.dtype))
+    model = build_model(PRESETS[args.preset], args.seed, args.layers).to(getattr(torch, args.dtype))
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     n = sum(p.numel() for p in model.parameters())

@@ -301,7 +301,7 @@ def test_video_controls(fast_processor, videos):
     assert int((out["input_ids"] == processor.image_token_id).sum()) == 8 * 16
     text = processor.tokenizer.decode(out["input_ids"][0].tolist())
     assert "series of eight frames from a 0:01:10" in text
-    with pytest.raises(ValueError, match="frame_size must be a multiple of 64"):
+    with pytest.raises(ValueError, match="frame_size must be 512 or a multiple of 64 below it"):
         processor(messages, frame_size=100)
 
 
@@ -451,4 +451,4 @@ def test_cli_bad_video_gives_one_line(tiny_vlm, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "junk.mp4: not a readable video" in r.stderr
     r = cli("--model", tiny_vlm, "--video", junk, "--frame-size", 100, "--dry-run")
-    assert r.returncode == 1 and "frame_size must be a multiple of 12" in r.stderr
+    assert r.returncode == 1 and "frame_size must be 36 or a multiple of 12 below it" in r.stderr
