@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, help="random seed for sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--keep-special-tokens", action="store_true",
+                   help="keep added special tokens in the text (DocTags models: <doctag>, <loc_N> ...)")
     split = p.add_mutually_exclusive_group()
     split.add_argument("--no-split", action="store_true", help="one global tile per image, no tiling")
     split.add_argument("--max-tiles", type=at_least_1, help="tiles per image at most")
@@ -194,6 +196,7 @@ def stream_to_stdout(model, processor, messages, args, controls, prompt_cache=No
         kv_group_size=args.kv_group_size,
         quantized_kv_start=args.quantized_kv_start,
         max_kv_size=args.max_kv_size,
+        skip_special_tokens=not args.keep_special_tokens,
         **controls,
     ):
         print(r.text, end="", flush=True)

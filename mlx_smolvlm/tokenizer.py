@@ -164,11 +164,13 @@ def load_tokenizer(path):
     for name, value in config.items():
         if name.endswith("_token") and isinstance(_token_content(value), str):
             special[name] = _token_content(value)
-    extra = config.get("extra_special_tokens") or {}
-    # transformers 4 wrote named extra tokens as a dict; transformers 5 writes a list of
-    # unnamed ones (the named ones are then top-level `*_token` keys, read above)
-    if isinstance(extra, dict):
-        special.update((name, _token_content(value)) for name, value in extra.items())
+    # transformers 4 wrote named extra tokens as a dict under `extra_special_tokens`;
+    # transformers 5 writes there a list of unnamed ones, the named ones being top-level
+    # `*_token` keys (read above) or, in some versions, under `model_specific_special_tokens`.
+    for key in ("extra_special_tokens", "model_specific_special_tokens"):
+        named = config.get(key)
+        if isinstance(named, dict):
+            special.update((name, _token_content(value)) for name, value in named.items())
 
     eos_ids = set()
     if special.get("eos_token") is not None:

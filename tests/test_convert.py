@@ -11,8 +11,8 @@ from mlx.utils import tree_flatten
 
 from mlx_smolvlm.convert import ConvertError, RECIPES, convert, quantize_model
 from mlx_smolvlm.convert.__main__ import main
-from mlx_smolvlm.convert.compat import reader_path
 from mlx_smolvlm.convert.quality import agreement, all_logits, image_prompt
+from mlx_smolvlm.layout import to_mlx_vlm
 from mlx_smolvlm.loading import CheckpointError, load_model, load_safetensors
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -86,7 +86,7 @@ def test_every_recipe_round_trips(tmp_path, preset, recipe, bits, group_size):
             assert not isinstance(module, QUANTIZED), path
         else:
             assert (module.bits, module.group_size) == (entry["bits"], entry["group_size"]), path
-            assert q[reader_path(path)] == entry  # what mlx-vlm and mlx-swift-lm look up
+            assert q[to_mlx_vlm(path)] == entry  # what mlx-vlm and mlx-swift-lm look up
 
     # Loading gives exactly the model the converter quantized in memory.
     fresh = load_model(src)
