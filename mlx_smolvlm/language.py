@@ -93,6 +93,15 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def attention_mask(L: int, cache):
+    # The cache knows what a chunk may see: a rotating one masks beyond its window, a batch
+    # cache (batch_cache.py) each row's left padding. Without one, one new token attends to
+    # everything before it and a longer chunk needs causality.
+    if cache is not None:
+        return cache.make_mask(L)
+    return "causal" if L > 1 else None
+
+
 class LanguageModel(nn.Module):
     """transformers' LlamaModel: embeddings, layers, final norm."""
 
@@ -106,8 +115,7 @@ class LanguageModel(nn.Module):
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
         if cache is None:
             cache = [None] * len(self.layers)
-        # The cache knows what a chunk may see (a rotating one masks beyond its window).
-        mask = cache[0].make_mask(h.shape[1]) if cache[0] is not None else ("causal" if h.shape[1] > 1 else None)
+        mask = attention_mask(h.shape[1], cache[0])
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
         return self.norm(h)
