@@ -12,7 +12,7 @@ from PIL import Image
 
 from .image_processing import URL_TIMEOUT, ImageError, ImageProcessor, load_image
 from .processor_config import read_processor_settings
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer, read_json
 from .video import CHAT_TEMPLATE as VIDEO_CHAT_TEMPLATE
 from .video import VideoOptions, load_video, video_pixels, video_prompt
 
