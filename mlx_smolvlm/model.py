@@ -7,6 +7,7 @@ import numpy as np
 from .config import ModelConfig
 from .connector import Connector
 from .language import LanguageModel, lm_logits
+from .layout import from_mlx_vlm
 from .vision import VisionModel, patch_attention_mask
 
 
@@ -132,15 +133,16 @@ class Model(nn.Module):
         return lm_logits(self.model.text_model, self.get("lm_head"), h)
 
     def sanitize(self, weights: dict) -> dict:
-        """Hugging Face (or already converted) weights -> this module's. Idempotent."""
+        """Hugging Face, mlx-vlm or already converted weights -> this module's. Idempotent."""
         v_cfg = self.config.vision_config
         torch_conv = (v_cfg.num_channels, v_cfg.patch_size, v_cfg.patch_size)
         out = {}
         for k, v in weights.items():
+            k = from_mlx_vlm(k)  # a fixed prefix table (layout.py); our keys pass unchanged
             if "rotary_emb.inv_freq" in k:
                 continue
-            if k == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
+            if k.startswith("lm_head.") and self.config.tie_word_embeddings:
+                continue  # mlx-vlm always writes a head (possibly quantized), tied or not
             if k.endswith("patch_embedding.weight") and tuple(v.shape[1:]) == torch_conv:
                 # PyTorch conv weights are (out, in, kH, kW); MLX wants (out, kH, kW, in).
                 # The config fixes both shapes, so the test is exact, not a guess.
