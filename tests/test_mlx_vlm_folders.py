@@ -288,3 +288,23 @@ def test_mixed_layouts_are_refused(tiny, tmp_path):
     (folder / "model.safetensors.index.json").unlink()
     with pytest.raises(CheckpointError, match="mix the transformers layout .* and the mlx-vlm layout"):
         load_model(folder)
+
+
+def test_legacy_quantization_entries(tiny, tmp_path):
+    """Folders from older converters: `quantization_config` only, no `mode`, and per-layer
+    entries under mlx-vlm paths (a float layer written as false)."""
+    import mlx.nn as nn
+
+    _, _, q4 = tiny
+    old = copy(q4, tmp_path / "old", quantization=None,
+               quantization_config={"group_size": 32, "bits": 4, "language_model.layers.1.mlp.up_proj": False})
+    w = mx.load(str(old / "model.safetensors"))
+    up = "language_model.layers.1.mlp.up_proj"
+    w[f"{up}.weight"] = mx.dequantize(w.pop(f"{up}.weight"), w.pop(f"{up}.scales"), w.pop(f"{up}.biases"), 32, 4)
+    mx.save_safetensors(str(old / "model.safetensors"), w)
+    (old / "model.safetensors.index.json").unlink()
+    model = load_model(old)
+    assert type(model.model.text_model.layers[1].mlp.up_proj) is nn.Linear
+    assert isinstance(model.model.text_model.layers[1].mlp.down_proj, nn.QuantizedLinear)
+    ids = mx.array([[1, 5, 9, 30, 2, 77, 4, 8]])
+    assert mx.allclose(model(ids), load_model(q4)(ids), atol=1e-4)
