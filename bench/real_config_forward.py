@@ -10,6 +10,7 @@ transformers (float32) on the same inputs and prints the max logit difference.
 import argparse
 import time
 
+import mlx_smolvlm  # noqa: F401  isort: skip  (first: puts the fast BLAS under mlx.core)
 import mlx.core as mx
 import numpy as np
 
@@ -46,6 +47,7 @@ def main():
     mx.eval(logits)
     prefill_s = time.perf_counter() - t0
     dtype = model.model.text_model.norm.weight.dtype
+    print(f"| {mlx_smolvlm.blas.describe()} |")
     print(f"| checkpoint | {args.path} ({dtype}) |")
     print(f"| prompt | {ids.shape[1]} tokens ({T} image tokens, one {S}x{S} tile) |")
     print(f"| load s | {load_s:.2f} |")

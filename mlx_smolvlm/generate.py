@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from . import blas
 from .cache import KVCache
 # generate and stream_generate also importable from here, as in mlx-lm
 from .generation import format_stats, generate, load, stream_generate  # noqa: F401
@@ -40,6 +41,20 @@ def estimate_peak_memory(
     prefill = C * (6 * t.hidden_size + 3 * t.intermediate_size) * dtype_bytes
     prefill += t.num_attention_heads * C * prompt_tokens * 4 + t.vocab_size * 4
     return (weight_bytes + kv + max(vision, prefill)) / 1e9
+
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16, "stored": None}
+
+
+def pick_dtype(choice: str) -> tuple[mx.Dtype | None, str]:
+    """The compute dtype for `--dtype` (None: as stored), and why, for --verbose."""
+    if choice != "auto":
+        return DTYPES[choice], f"{choice} (--dtype)"
+    if mx.default_device() == mx.cpu and blas.state["library"]:
+        # MLX's CPU backend sends float32 matmuls to the BLAS; bfloat16 ones it computes itself,
+        # ~10x slower than OpenBLAS (bench/real_config_forward.py).
+        return mx.float32, "float32 (fastest on a CPU with a fast BLAS; --dtype to override)"
+    return None, "as stored (--dtype to override)"
 
 
 def _checked(kind, ok, what):
@@ -90,7 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="square video frame side in pixels; smaller means fewer tokens per frame "
                    "(256M/500M: 512 or a multiple of 64 below; 2.2B: 384 or a multiple of 42 below; "
                    "default: the model's)")
+    kv = p.add_argument_group("KV cache (as in mlx-lm)")
+    kv.add_argument("--kv-bits", type=int, choices=[4, 8], help="store the KV cache group-quantized")
+    kv.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64)
+    kv.add_argument("--quantized-kv-start", type=_checked(int, lambda v: v >= 0, ">= 0"), default=0,
+                    help="quantize once the cache holds this many positions (default 0: from the start, "
+                    "so long image and video prompts never hold a float cache)")
+    kv.add_argument("--max-kv-size", type=_checked(int, lambda v: v > 4, "> 4"),
+                    help="cap the cache at this many positions (rotating: the first 4 and the most recent)")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="compute dtype of the float weights (auto: float32 on a CPU with a fast BLAS, "
+                   "else as stored)")
     p.add_argument("--verbose", action="store_true", help="print prompt/decode speed and peak memory")
     p.add_argument("--dry-run", action="store_true", help="report tiles, tokens and predicted memory only")
     return p
@@ -134,6 +160,10 @@ def dry_run(args, controls) -> str:
         processor = load_processor(path)
         weight_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         dtype_bytes = 2 if raw.get("torch_dtype", raw.get("dtype")) in ("bfloat16", "float16") else 4
+        dtype = pick_dtype(args.dtype)[0]
+        if dtype is not None and not raw.get("quantization"):
+            weight_bytes = weight_bytes * dtype.size // dtype_bytes
+        dtype_bytes = dtype.size if dtype is not None else dtype_bytes
     messages = first_messages(processor, args)
     report = processor.preflight(messages, **controls)
     n_prompt = processor(messages, **controls)["input_ids"].shape[1]
@@ -162,6 +192,10 @@ def stream_to_stdout(model, processor, messages, args, controls, prompt_cache=No
         logits_processors=make_logits_processors(args.repetition_penalty, args.repetition_context_size),
         stop=args.stop,
         prompt_cache=prompt_cache,
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
+        quantized_kv_start=args.quantized_kv_start,
+        max_kv_size=args.max_kv_size,
         skip_special_tokens=not args.keep_special_tokens,
         **controls,
     ):
@@ -174,7 +208,7 @@ def stream_to_stdout(model, processor, messages, args, controls, prompt_cache=No
 
 
 def chat(model, processor, messages, args, controls):
-    cache = PromptCache(model)
+    cache = PromptCache(model, args.max_kv_size)
     prompt, images, videos = args.prompt, args.image, args.video
     print("Chat: type a message; Ctrl-D or an empty line ends.", file=sys.stderr)
     while True:
@@ -188,7 +222,7 @@ def chat(model, processor, messages, args, controls):
                 return
         messages.append(message(processor, "user", prompt, images, videos))
         reply = stream_to_stdout(model, processor, messages, args, controls, cache)
-        messages.append(message(processor, "assistant", reply))
+        messages.append(processor.reply_message(reply))
         prompt, images, videos = None, (), ()
 
 
@@ -217,7 +251,10 @@ def main(argv=None):
         if args.dry_run:
             print(dry_run(args, controls))
             return 0
-        model, processor = load(args.model)
+        dtype, why = pick_dtype(args.dtype)
+        if args.verbose:
+            print(f"dtype: {why}\n{blas.describe()}", file=sys.stderr)
+        model, processor = load(args.model, dtype=dtype)
         if args.chat:
             system = [message(processor, "system", args.system)] if args.system else []
             chat(model, processor, system, args, controls)

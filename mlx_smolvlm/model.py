@@ -98,10 +98,22 @@ class Model(nn.Module):
             # Only batch padding is dropped: the gather copies every pixel it keeps.
             idx = mx.array(real_idx)
             pixels, pam = pixels[idx], pam[idx]
+        return self.merge_image_features(input_ids, self.encode_images(pixels, pam), embeds)
+
+    def encode_images(self, pixels: mx.array, pixel_attention_mask: mx.array) -> mx.array:
+        """(N, C, H, W) real images and their (N, H, W) masks -> (N, tokens, text hidden)."""
+        pam = pixel_attention_mask.astype(mx.bool_)
         patch_mask = patch_attention_mask(pam, self.config.vision_config.patch_size)
-        feats = self.get_image_features(pixels.transpose(0, 2, 3, 1), patch_mask)
+        return self.get_image_features(pixels.transpose(0, 2, 3, 1), patch_mask)
+
+    def merge_image_features(self, input_ids, feats, embeds=None) -> mx.array:
+        """Token embeddings with `feats` (N, tokens, D) written over the `<image>` positions,
+        the k-th image token (row-major over the batch) taking the k-th feature row."""
+        if embeds is None:
+            embeds = self.model.text_model.embed_tokens(input_ids)
+        B = embeds.shape[0]
+        is_image = input_ids == self.config.image_token_id
         feats = feats.reshape(-1, feats.shape[-1]).astype(embeds.dtype)
-        # k-th image token (row-major over the batch) takes the k-th feature row.
         flat = is_image.reshape(-1)
         rows = mx.maximum(mx.cumsum(flat.astype(mx.int32)) - 1, 0)
         merged = mx.where(flat[:, None], feats[rows], embeds.reshape(B * embeds.shape[1], -1))

@@ -102,8 +102,11 @@ def build_model(preset: dict, seed: int = 0, layers: int | None = None):
         config_cls, model_cls = SmolVLMConfig, SmolVLMForConditionalGeneration
     preset.pop("model_type")
     config = config_cls(**preset)
+    from transformers.initialization import no_init_weights
+
     torch.manual_seed(seed)
-    model = model_cls(config).eval()
+    with no_init_weights():  # randomize() draws every parameter; the reference init is slow
+        model = model_cls(config).eval()
     randomize(model)
     return model
 

@@ -77,15 +77,21 @@ def _added_tokens(layout, vocab_size, image_token_id):
 
 def build_tokenizer(layout="smolvlm", vocab_size=None, image_token_id=None, gguf=None):
     """`tokenizers.Tokenizer` with SmolLM2's vocabulary cut at the first added id."""
-    backend, _, _ = tokenizer_from_gguf(gguf or default_gguf())
     start, added = _added_tokens(layout, vocab_size, image_token_id)
+    # past SmolLM2's vocabulary the ids up to `start` are added tokens too (_added_tokens)
+    return tokenizer_with_added(added, min(start, SMOLLM2_VOCAB), gguf)
+
+
+def tokenizer_with_added(added, base, gguf=None):
+    """SmolLM2's BPE below id `base` (filled with unreachable `<|filler_i|>` entries when
+    `base` is beyond its 49152 tokens), then the `{token: id}` added special tokens."""
+    backend, _, _ = tokenizer_from_gguf(gguf or default_gguf())
     data = json.loads(backend.to_str())
-    start = min(start, SMOLLM2_VOCAB)
-    vocab = {t: i for t, i in data["model"]["vocab"].items() if i < start}
-    merges = [m for m in data["model"]["merges"] if "".join(m) in vocab]
+    vocab = {t: i for t, i in data["model"]["vocab"].items() if i < base}
+    vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), base)})
     data["model"]["vocab"] = vocab
-    data["model"]["merges"] = merges
-    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < start]
+    data["model"]["merges"] = [m for m in data["model"]["merges"] if "".join(m) in vocab]
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < base]
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(json.dumps(data))
@@ -100,9 +106,11 @@ def build_tokenizer(layout="smolvlm", vocab_size=None, image_token_id=None, gguf
 
 
 def write_processor_folder(dest, layout="smolvlm", tile=512, image_seq_len=64, longest_edge=None,
-                           vocab_size=None, image_token_id=None, gguf=None):
-    """Write tokenizer.json, tokenizer_config.json, chat_template.jinja,
-    preprocessor_config.json and processor_config.json into `dest`."""
+                           vocab_size=None, image_token_id=None, gguf=None, video_sampling=None,
+                           template_file="chat_template.jinja"):
+    """Write tokenizer.json, tokenizer_config.json, the chat template (`template_file`:
+    chat_template.jinja, or chat_template.json as the Hub's repos have it),
+    preprocessor_config.json (with `video_sampling` if given) and processor_config.json."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     model_type = LAYOUTS[layout][2]
@@ -135,7 +143,10 @@ def write_processor_folder(dest, layout="smolvlm", tile=512, image_seq_len=64, l
     }
     (dest / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     template = CHAT_TEMPLATE.replace("{VIDEO}", VIDEO_CLAUSE if smolvlm else "")
-    (dest / "chat_template.jinja").write_text(template)
+    if template_file.endswith(".json"):
+        (dest / template_file).write_text(json.dumps({"chat_template": template}, indent=2))
+    else:
+        (dest / template_file).write_text(template)
     image_config = {
         "do_convert_rgb": True,
         "do_image_splitting": True,
@@ -152,6 +163,8 @@ def write_processor_folder(dest, layout="smolvlm", tile=512, image_seq_len=64, l
         "rescale_factor": 1 / 255,
         "size": {"longest_edge": longest_edge or 4 * tile},
     }
+    if video_sampling:
+        image_config["video_sampling"] = video_sampling
     (dest / "preprocessor_config.json").write_text(json.dumps(image_config, indent=2))
     processor = {"image_seq_len": image_seq_len, "processor_class": f"{prefix}Processor"}
     (dest / "processor_config.json").write_text(json.dumps(processor, indent=2))

@@ -327,3 +327,22 @@ def test_quality_prompts_use_the_checkpoint_tokenizer(tmp_path):
     assert ids == [tok.encode(t).ids[:10] for t in TEXTS] and 0 not in ids[0]
     # Without a tokenizer: fixed random ids below the vocab size.
     assert text_ids(None, 512) == text_ids(None, 512) and max(map(max, text_ids(None, 512))) < 512
+
+
+def test_installed_inside_our_namespace(tmp_path):
+    """`convert/` installs as mlx_smolvlm.convert: no top-level `convert` module in site-packages
+    (it would collide with any other package or script of that name), and both entry points work
+    from outside the repository."""
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+
+    script = ("import importlib.util, mlx_smolvlm.convert as c; "
+              "print(importlib.util.find_spec('convert') is None, c.__name__)")
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert r.stdout.split() == ["True", "mlx_smolvlm.convert"], r.stderr
+    r = subprocess.run([sys.executable, "-m", "mlx_smolvlm.convert", "--help"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "python -m mlx_smolvlm.convert" in r.stdout
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts["mlx-smolvlm-convert"] == "mlx_smolvlm.convert.__main__:main"

@@ -1,0 +1,73 @@
+"""A fast system BLAS for MLX's CPU backend on Linux.
+
+MLX's Linux CPU wheel links the *reference* BLAS and LAPACK (`mlx_cpu.libs/libblas-*.so`):
+float32 matmuls run at a few GFLOP/s. `libmlx.so` leaves `cblas_sgemm` and its LAPACK calls
+undefined, and Python loads extensions with RTLD_NOW, so they bind once, when `mlx.core` is
+first imported, to the first definition in the process's global scope. A BLAS loaded with
+RTLD_GLOBAL before that import is found first and wins, and the bundled one goes unused.
+
+`MLX_SMOLVLM_BLAS`: unset or empty searches the paths below; `0`/`off` keeps MLX's own; a path
+loads that library (an error if it cannot, rather than a silent fallback).
+`MLX_SMOLVLM_BLAS_THREADS`: OpenBLAS threads (default: one per available core).
+"""
+
+import ctypes
+import os
+import sys
+import warnings
+
+ENV, THREADS_ENV = "MLX_SMOLVLM_BLAS", "MLX_SMOLVLM_BLAS_THREADS"
+
+# libopenblas.so.0 defines every BLAS and LAPACK symbol libmlx.so imports; Debian's
+# openblas-pthread/libblas.so.3 lacks the LAPACK ones. The pthread build: the OpenMP one would
+# bring a second OpenMP runtime next to torch's.
+CANDIDATES = [
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib64/libopenblasp.so.0",  # Fedora
+    "/usr/lib/libopenblas.so.0",  # Arch
+]
+
+# What preload() did: the library in use (None: MLX's own) and why.
+state = {"library": None, "reason": "not on Linux", "threads": None}
+
+
+def _threads() -> int:
+    n = os.environ.get(THREADS_ENV)
+    return int(n) if n else len(os.sched_getaffinity(0))
+
+
+def preload():
+    """Load the BLAS into the global scope; a no-op unless on Linux and before `mlx.core`."""
+    choice = os.environ.get(ENV, "").strip()
+    if not sys.platform.startswith("linux"):
+        return
+    if choice.lower() in ("0", "off", "false", "no"):
+        state["reason"] = f"{ENV}={choice}"
+        return
+    if "mlx.core" in sys.modules:
+        state["reason"] = "mlx.core was imported before mlx_smolvlm"
+        if os.path.exists(choice or CANDIDATES[0]):
+            warnings.warn(
+                f"mlx.core was imported before mlx_smolvlm, so MLX keeps its bundled reference "
+                f"BLAS (float32 on CPU ~20x slower). Import mlx_smolvlm first, or set {ENV}=0.",
+                stacklevel=3,
+            )
+        return
+    paths = [choice] if choice else [p for p in CANDIDATES if os.path.exists(p)]
+    if not paths:
+        state["reason"] = "no system OpenBLAS found (apt-get install libopenblas0-pthread)"
+        return
+    lib = ctypes.CDLL(paths[0], mode=ctypes.RTLD_GLOBAL)  # raises for a bad explicit path
+    # OpenBLAS spins its threads between calls; more threads than cores only steal time.
+    if hasattr(lib, "openblas_set_num_threads"):
+        state["threads"] = _threads()
+        lib.openblas_set_num_threads(state["threads"])
+    state.update(library=paths[0], reason=f"loaded {paths[0]}")
+
+
+def describe() -> str:
+    """One line for --verbose: which BLAS MLX's CPU backend uses."""
+    if state["library"] is None:
+        return f"BLAS: MLX's bundled reference BLAS ({state['reason']})"
+    return f"BLAS: {state['library']} ({state['threads']} threads)"
