@@ -249,6 +249,10 @@ def run_transformers(model_dir, config, pv_np, pam_np, ids_list, text_list, args
 def worker(args):
     global clock
     clock = CLOCKS[args.clock]
+    if args.impl == "mlx_smolvlm":
+        # Before anything (transformers' processor too) imports mlx.core: the system BLAS, as
+        # mlx_smolvlm's users get it; mlx-vlm keeps MLX's own, as its users do.
+        import mlx_smolvlm  # noqa: F401
     side, split = WORKLOADS[args.workload]
     pv, pam, ids, text = processor_inputs(args.model, side, split)
     if args.impl == "transformers":

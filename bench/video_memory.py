@@ -15,6 +15,7 @@ runs, so the peak is the same but for the dropped layers' weights, which the tab
 import argparse
 import time
 
+import mlx_smolvlm  # noqa: F401  isort: skip  (first: puts the fast BLAS under mlx.core)
 from mlx.utils import tree_flatten
 
 import mlx.core as mx

@@ -6,6 +6,9 @@ step writes one slice instead of concatenating the whole history.
 
 import mlx.core as mx
 
+from .quantized_cache import QuantizedKVCache
+from .rotating_cache import RotatingKVCache
+
 
 class KVCache:
     step = 256
@@ -46,6 +49,32 @@ class KVCache:
         self.offset -= n
         return n
 
+    def make_mask(self, N: int):
+        # One new token attends to everything cached; a longer chunk needs causality.
+        return "causal" if N > 1 else None
 
-def make_prompt_cache(model) -> list[KVCache]:
+    def to_quantized(self, group_size: int, bits: int) -> QuantizedKVCache:
+        q = QuantizedKVCache(group_size, bits)
+        if self.keys is not None:
+            q.update_and_fetch(*self.state)
+        return q
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in self.state)
+
+
+def make_prompt_cache(model, max_kv_size: int | None = None) -> list:
+    """One cache per decoder layer; `max_kv_size` caps each at that many positions (rotating)."""
+    if max_kv_size is not None:
+        return [RotatingKVCache(max_kv_size) for _ in range(len(model.layers))]
     return [KVCache() for _ in range(len(model.layers))]
+
+
+def maybe_quantize_kv_cache(cache: list, bits: int | None, group_size: int, start: int):
+    """Swap float layers for quantized ones, in place, once they hold `start` positions."""
+    if bits is None:
+        return
+    for i, c in enumerate(cache):
+        if isinstance(c, KVCache) and c.offset >= start:
+            cache[i] = c.to_quantized(group_size, bits)

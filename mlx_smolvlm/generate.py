@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, help="random seed for sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--keep-special-tokens", action="store_true",
+                   help="keep added special tokens in the text (DocTags models: <doctag>, <loc_N> ...)")
     split = p.add_mutually_exclusive_group()
     split.add_argument("--no-split", action="store_true", help="one global tile per image, no tiling")
     split.add_argument("--max-tiles", type=at_least_1, help="tiles per image at most")
@@ -103,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="square video frame side in pixels; smaller means fewer tokens per frame "
                    "(256M/500M: 512 or a multiple of 64 below; 2.2B: 384 or a multiple of 42 below; "
                    "default: the model's)")
+    kv = p.add_argument_group("KV cache (as in mlx-lm)")
+    kv.add_argument("--kv-bits", type=int, choices=[4, 8], help="store the KV cache group-quantized")
+    kv.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64)
+    kv.add_argument("--quantized-kv-start", type=_checked(int, lambda v: v >= 0, ">= 0"), default=0,
+                    help="quantize once the cache holds this many positions (default 0: from the start, "
+                    "so long image and video prompts never hold a float cache)")
+    kv.add_argument("--max-kv-size", type=_checked(int, lambda v: v > 4, "> 4"),
+                    help="cap the cache at this many positions (rotating: the first 4 and the most recent)")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="compute dtype of the float weights (auto: float32 on a CPU with a fast BLAS, "
@@ -182,6 +192,11 @@ def stream_to_stdout(model, processor, messages, args, controls, prompt_cache=No
         logits_processors=make_logits_processors(args.repetition_penalty, args.repetition_context_size),
         stop=args.stop,
         prompt_cache=prompt_cache,
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
+        quantized_kv_start=args.quantized_kv_start,
+        max_kv_size=args.max_kv_size,
+        skip_special_tokens=not args.keep_special_tokens,
         **controls,
     ):
         print(r.text, end="", flush=True)
@@ -193,7 +208,7 @@ def stream_to_stdout(model, processor, messages, args, controls, prompt_cache=No
 
 
 def chat(model, processor, messages, args, controls):
-    cache = PromptCache(model)
+    cache = PromptCache(model, args.max_kv_size)
     prompt, images, videos = args.prompt, args.image, args.video
     print("Chat: type a message; Ctrl-D or an empty line ends.", file=sys.stderr)
     while True:
@@ -207,7 +222,7 @@ def chat(model, processor, messages, args, controls):
                 return
         messages.append(message(processor, "user", prompt, images, videos))
         reply = stream_to_stdout(model, processor, messages, args, controls, cache)
-        messages.append(message(processor, "assistant", reply))
+        messages.append(processor.reply_message(reply))
         prompt, images, videos = None, (), ()
 
 

@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from .cache import make_prompt_cache
+from .cache import make_prompt_cache, maybe_quantize_kv_cache
 from .detokenizer import StreamingDetokenizer
 from .gguf import load_gguf
 from .loading import get_model_path, load_model
@@ -47,14 +47,21 @@ def generate_step(
     sampler: Callable | None = None,
     logits_processors: list[Callable] | None = None,
     prefill_step_size: int = 512,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
+    max_kv_size: int | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs) pairs, computing each next token while the current one is read.
 
     `prompt` holds the whole context's ids (1-D). A `prompt_cache` may already hold a prefix
     of it; only the rest is prefilled, in chunks of `prefill_step_size`.
     `input_embeddings` (1, L, D), if given, are those of the uncached ids (images merged).
+    `kv_bits` (4 or 8) stores the KV cache group-quantized once it holds `quantized_kv_start`
+    positions; `max_kv_size` caps a new cache at that many positions (mlx-lm's options).
     """
-    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    check_kv_options(kv_bits, kv_group_size, max_kv_size)
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size)
     sampler = sampler or make_sampler()
     logits_processors = logits_processors or []
     tokens = prompt
@@ -65,7 +72,11 @@ def generate_step(
             return {"input_embeddings": input_embeddings[:, i:j]}
         return {"input_ids": ids[None, i:j]}
 
+    def quantize():
+        maybe_quantize_kv_cache(cache, kv_bits, kv_group_size, quantized_kv_start)
+
     def step(inputs: dict):
+        quantize()
         logits = model(**inputs, cache=cache)[:, -1, :]
         if logits_processors:
             for p in logits_processors:
@@ -76,6 +87,7 @@ def generate_step(
     new, done = ids.size, 0
     while new - done > 1:
         n = min(prefill_step_size, new - done - 1)
+        quantize()
         model(**chunk(done, done + n), cache=cache)
         mx.eval([c.state for c in cache])
         done += n
@@ -91,6 +103,15 @@ def generate_step(
         yield y.item(), logprobs
         if n + 1 < max_tokens:
             y, logprobs = next_y, next_logprobs
+
+
+def check_kv_options(kv_bits, kv_group_size, max_kv_size):
+    if kv_bits is not None and kv_bits not in (4, 8):
+        raise ValueError(f"kv_bits must be 4 or 8, got {kv_bits}")
+    if kv_group_size not in (32, 64, 128):
+        raise ValueError(f"kv_group_size must be 32, 64 or 128, got {kv_group_size}")
+    if kv_bits is not None and max_kv_size is not None:
+        raise ValueError("a rotating cache (max_kv_size) cannot be quantized (kv_bits), as in mlx-lm")
 
 
 @dataclass
@@ -144,23 +165,37 @@ def stream_generate(
     stop: list[str] | None = None,
     prompt_cache: PromptCache | None = None,
     prefill_step_size: int = 512,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
+    max_kv_size: int | None = None,
+    skip_special_tokens: bool = True,
+    clip_to_context: bool = False,
     **controls,
 ) -> Iterator[GenerationResponse]:
     """Generate from chat `messages` (transformers' format) or a raw prompt string.
 
-    Yields a GenerationResponse per token. `controls` go to the processor
+    Yields a GenerationResponse per token. `skip_special_tokens=False` keeps added special
+    tokens in the text (DocTags: `<doctag>`, `<loc_12>` ...; `stop` strings may be such
+    tokens); the end-of-sequence token ends generation and is never text. A prompt plus
+    `max_tokens` beyond the context length is an error, unless `clip_to_context`: then
+    generation ends where the context does (finish_reason "length"). `controls` go to the processor
     (do_image_splitting, max_tiles, longest_edge). A `prompt_cache` kept across calls
     (multi-turn chat) prefills only the tokens that follow what it already holds.
+    KV-cache options (`kv_bits`, `kv_group_size`, `quantized_kv_start`, `max_kv_size`): see
+    generate_step; `max_kv_size` applies to a cache made here (PromptCache takes its own).
     """
     inputs = processor(prompt, images=images, **controls)
     ids = np.asarray(inputs["input_ids"])[0].tolist()
+    if clip_to_context:
+        max_tokens = min(max_tokens, text_config(model).max_position_embeddings - len(ids))
     check_length(model, len(ids), max_tokens)
-    cache = prompt_cache if prompt_cache is not None else PromptCache(model)
+    check_kv_options(kv_bits, kv_group_size, max_kv_size)
+    cache = prompt_cache if prompt_cache is not None else PromptCache(model, max_kv_size)
     if "pixel_values" in inputs:  # tokens per tile follow the pixel size (small video frames)
         cache.image_seq_len = model.tokens_per_image(*inputs["pixel_values"].shape[-2:])
     tiles = tile_digests(inputs)
-    start = cache.reusable_prefix(ids, tiles)
-    cache.trim_to(start)
+    start = cache.trim_to(cache.reusable_prefix(ids, tiles))
     k = cache.tiles_in(ids[:start])
     pixels = None
     if len(tiles) > k:
@@ -169,7 +204,7 @@ def stream_generate(
 
     tokenizer = processor.tokenizer
     eos = tokenizer.eos_token_ids
-    detok = StreamingDetokenizer(tokenizer)
+    detok = StreamingDetokenizer(tokenizer, skip_special_tokens)
     stop = [s for s in (stop or []) if s]
     mx.reset_peak_memory()
     tic = time.perf_counter()
@@ -186,6 +221,9 @@ def stream_generate(
         sampler=sampler,
         logits_processors=logits_processors,
         prefill_step_size=prefill_step_size,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        quantized_kv_start=quantized_kv_start,
     )
     generated, held = [], ""
     try:

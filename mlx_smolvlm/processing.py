@@ -3,6 +3,7 @@ reference token layout, tokenization and pixels. No torch or transformers at run
 
 import math
 import re
+from functools import cached_property
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from PIL import Image
 
 from .image_processing import URL_TIMEOUT, ImageError, ImageProcessor, load_image
 from .processor_config import read_processor_settings
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer, read_json
 from .video import CHAT_TEMPLATE as VIDEO_CHAT_TEMPLATE
 from .video import VideoOptions, load_video, video_pixels, video_prompt
 
@@ -25,6 +26,12 @@ IMAGE_TOKENS = {
 IMAGE_KEYS = ("image", "url", "path", "base64")
 VIDEO_TOKEN = "<video>"
 VIDEO_CONTROLS = ("fps", "max_frames", "skip_secs", "frame_size")
+# transformers' Idefics3Processor has no video input: these models never saw the video prompt.
+NO_VIDEO_MODEL_TYPES = ("idefics3",)
+
+
+class MediaError(ValueError):
+    """Media the checkpoint cannot take (a video for a model never trained on video)."""
 
 
 def image_prompt(rows, cols, image_seq_len, image_token, fake_image_token, global_image_token):
@@ -125,8 +132,9 @@ class Processor:
     SmolVLMProcessor / Idefics3Processor (PIL image-processor path)."""
 
     def __init__(self, tokenizer, image_processor=None, image_seq_len=DEFAULT_IMAGE_SEQ_LEN,
-                 timeout=URL_TIMEOUT, video_options=None):
+                 timeout=URL_TIMEOUT, video_options=None, model_type=None):
         self.tokenizer = tokenizer
+        self.model_type = model_type  # the checkpoint's config.json model_type
         self.image_processor = image_processor
         self.video_options = video_options or VideoOptions()
         self.image_seq_len = image_seq_len
@@ -139,10 +147,38 @@ class Processor:
     def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
         """Render transformers-format messages with the checkpoint's chat template."""
         if message_images(messages, "video"):
+            self._check_video()
             kwargs.setdefault("chat_template", VIDEO_CHAT_TEMPLATE)
         return self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, **kwargs
         )
+
+    def reply_message(self, text: str) -> dict:
+        """The assistant message to append to a chat history for a reply the model generated.
+
+        SmolVLM's template ends the generation prompt with `Assistant:` but renders a stored
+        reply as `Assistant: ` + text: the model's own leading space would be written twice,
+        the history would differ from what the KV cache holds, and the next turn would prefill
+        the reply again. What the template inserts there is read from the template itself
+        (SmolVLM: a space; SmolLM2: nothing) and taken off the reply's start."""
+        sep = self._reply_separator
+        return self._text_message("assistant", text[len(sep) :] if sep and text.startswith(sep) else text)
+
+    def _text_message(self, role, text):
+        # Text-only chat templates (SmolLM2's) take a string; SmolVLM's take a content list.
+        if self.image_processor is None:
+            return {"role": role, "content": text}
+        return {"role": role, "content": [{"type": "text", "text": text}]}
+
+    @cached_property
+    def _reply_separator(self) -> str:
+        mark = "<<reply>>"
+        user = [self._text_message("user", "?")]
+        prompt = self.apply_chat_template(user)
+        full = self.apply_chat_template(user + [self._text_message("assistant", mark)], False)
+        if not full.startswith(prompt) or mark not in full[len(prompt) :]:
+            return ""
+        return full[len(prompt) : full.index(mark, len(prompt))]
 
     def _prompt_and_images(self, messages, images, add_generation_prompt):
         if isinstance(messages, str):
@@ -239,10 +275,18 @@ class Processor:
             items.append((video_prompt(video, block), pixels, np.ones(pixels[:, 0].shape, bool)))
         return {"image": [], "video": items}
 
-    def _video_setup(self, controls, min_side):
-        """Video options with `controls` applied, and the image block of one frame."""
+    def _check_video(self):
         if self.image_processor is None:
             raise ValueError("this model has no image processor: it takes text only")
+        if self.model_type in NO_VIDEO_MODEL_TYPES:
+            raise MediaError(
+                f"model_type {self.model_type!r} takes no video: it was not trained on video "
+                "(transformers' Idefics3Processor has no video input); use a SmolVLM2 checkpoint"
+            )
+
+    def _video_setup(self, controls, min_side):
+        """Video options with `controls` applied, and the image block of one frame."""
+        self._check_video()
         options = VideoOptions(**{**vars(self.video_options), **controls})
         tile, size = self.image_processor.tile_size, options.frame_size
         unit = tile // math.isqrt(self.image_seq_len)  # patch size x scale factor
@@ -291,12 +335,14 @@ def load_processor(path, timeout=URL_TIMEOUT):
     settings = read_processor_settings(path)
     if settings.image is None:
         return text_processor(tokenizer, timeout)
+    model_type = read_json(path / "config.json").get("model_type")
     return Processor(
         tokenizer,
         ImageProcessor.from_dict(settings.image),
         image_seq_len=settings.image_seq_len or DEFAULT_IMAGE_SEQ_LEN,
         timeout=timeout,
         video_options=VideoOptions.from_config(settings.video),
+        model_type=model_type,
     )
 
 

@@ -10,8 +10,9 @@ class PromptCache:
     """A KV cache that remembers what it holds (tokens and image tiles), so a later chat
     turn prefills only what follows the part it shares with the cache."""
 
-    def __init__(self, model):
-        self.layers = make_prompt_cache(model)
+    def __init__(self, model, max_kv_size: int | None = None):
+        self.fresh = lambda: make_prompt_cache(model, max_kv_size)
+        self.layers = self.fresh()
         self.tokens: list[int] = []
         self.tiles: list[bytes] = []  # digests of the cached image tiles, in prompt order
         self.image_token_id = getattr(model.config, "image_token_id", None)
@@ -40,11 +41,17 @@ class PromptCache:
             n = image_pos[same * self.image_seq_len]
         return n
 
-    def trim_to(self, n: int):
+    def trim_to(self, n: int) -> int:
+        """Keep the first `n` positions; returns how many are kept: none once a rotating
+        cache has evicted some, as it can no longer be rolled back."""
+        if self.offset > n and not all(getattr(c, "can_trim", lambda: True)() for c in self.layers):
+            self.layers[:] = self.fresh()
+            n = 0
         for c in self.layers:
             c.trim(c.offset - n)
         self.tokens = self.tokens[:n]
         self.tiles = self.tiles[: self.tiles_in(self.tokens)]
+        return n
 
     def record(self, ids: list[int], generated: list[int], tiles: list[bytes]):
         # The layers hold the prompt and every token fed back so far (one step runs ahead).

@@ -25,11 +25,12 @@ MAX_IMAGE_SIZE = 4096
 # holds a video with it, whatever template the checkpoint ships.
 CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'] is string %}{{': ' + message['content']}}{% else %}"
     "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
     "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
     "{% elif line['type'] == 'image' %}{{ '<image>' }}"
     "{% elif line['type'] == 'video' %}{{ '<video>' }}"
-    "{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 

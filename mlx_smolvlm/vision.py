@@ -72,12 +72,18 @@ class Attention(nn.Module):
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 
+def gelu_tanh(x):
+    # transformers' gelu_pytorch_tanh, 0.5x(1 + tanh(z)), as x * sigmoid(2z): one transcendental
+    # and fewer passes; MLX's CPU tanh/exp are scalar (~8x torch's), so this is 1.7x faster there.
+    return x * mx.sigmoid(x * (1.5957691216057308 + 0.07135481627260025 * mx.square(x)))
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = nn.gelu_approx if cfg.hidden_act == "gelu_pytorch_tanh" else nn.gelu
+        self.act = gelu_tanh if cfg.hidden_act == "gelu_pytorch_tanh" else nn.gelu
 
     def __call__(self, x):
         return self.fc2(self.act(self.fc1(x)))

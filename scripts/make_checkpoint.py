@@ -52,6 +52,11 @@ TEXT_1_7B = smollm2(2048, 24, 32, 32, 8192, 273768.0, vocab=49155)
 # against the published config, which cannot be downloaded here).
 TEXT_1_7B_V2 = smollm2(2048, 24, 32, 32, 8192, 273768.0)
 
+# granite-docling-258M (ibm-granite/granite-docling-258M-mlx config.json, mlx-vlm 0.3.3): the
+# SigLIP2 base-patch16-512 tower has SigLIP base's shapes; a Llama decoder of SmolLM2-135M's
+# shape with a 100352-token vocabulary.
+TEXT_GRANITE_DOCLING = smollm2(576, 30, 9, 3, 1536, 100000.0, vocab=100352)
+
 PRESETS = {
     # scale 4 over an 8x8 patch grid: 4 tokens per tile; untied head.
     "tiny-idefics3": dict(model_type="idefics3", scale_factor=4, image_token_id=300, tie_word_embeddings=False,
@@ -75,6 +80,8 @@ PRESETS = {
                           vision_config=SIGLIP_B16, text_config=TEXT_360M),
     "smolvlm2-2.2b": dict(model_type="smolvlm", scale_factor=3, image_token_id=49190,
                           vision_config=SIGLIP_SO400M, text_config=TEXT_1_7B_V2),
+    "granite-docling-258m": dict(model_type="idefics3", scale_factor=4, image_token_id=100270,
+                                 vision_config=SIGLIP_B16, text_config=TEXT_GRANITE_DOCLING),
 }
 
 

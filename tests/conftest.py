@@ -6,7 +6,7 @@ import pytest
 
 import mlx_smolvlm  # noqa: F401  before any test module imports mlx.core: see mlx_smolvlm/blas.py
 
-# tests/make_golden.py and scripts/make_checkpoint.py are importable by the tests.
+# The fixture generators in scripts/ (make_golden.py, make_checkpoint.py, ...) are importable by the tests.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
 
@@ -28,3 +28,19 @@ def processor_folder(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics3(tmp_path_factory):
+    """The committed tiny-idefics3 weights with a processor folder: a complete checkpoint."""
+    from make_generate_golden import tiny_folder
+
+    return tiny_folder("tiny-idefics3", tmp_path_factory.mktemp("tiny-idefics3"))
+
+
+@pytest.fixture(scope="session")
+def sample_images(tmp_path_factory):
+    """{"wide.png": path, "square.png": path}: small random images."""
+    from make_generate_golden import write_images
+
+    return write_images(tmp_path_factory.mktemp("images"))

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from make_generate_golden import gguf_path, tiny_folder, write_images
+from make_generate_golden import gguf_path
 
 from mlx_smolvlm import blas
 
@@ -24,13 +24,13 @@ def cli(*args, stdin=None, timeout=120):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_folder("tiny-idefics3", tmp_path_factory.mktemp("tiny"))
+def tiny(tiny_idefics3):
+    return tiny_idefics3
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("images"))
+def images(sample_images):
+    return sample_images
 
 
 def test_gguf_answer_with_stats():
@@ -113,3 +113,11 @@ def test_ctrl_c_prints_the_partial_answer_and_exits_cleanly():
     print((seen + out).decode(), err.decode())
     assert p.returncode == 130
     assert len((seen + out).split()) >= 3 and "Traceback" not in err.decode()
+
+
+def test_kv_cache_options():
+    r = cli("--model", gguf_path(), "--prompt", "What is the capital of France?", "--kv-bits", "8",
+            "--max-tokens", 8)
+    assert r.returncode == 0 and "Paris" in r.stdout, r.stderr
+    r = cli("--model", gguf_path(), "--prompt", "Hi", "--kv-bits", "4", "--max-kv-size", 64)
+    assert r.returncode == 1 and "cannot be quantized" in r.stderr
