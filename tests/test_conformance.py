@@ -24,6 +24,7 @@ by tests/test_video.py (golden pixels and prompts) and test_video_processor_sett
 import json
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,7 +37,6 @@ from conformance_presets import PRESETS, reference_processor, write_checkpoint  
 from mlx.utils import tree_flatten  # noqa: E402
 from PIL import Image  # noqa: E402
 from test_model import max_rel_diff  # noqa: E402
-from video_synth import VIDEOS, make_video  # noqa: E402
 
 from mlx_smolvlm.generation import stream_generate  # noqa: E402
 from mlx_smolvlm.loading import load_model  # noqa: E402
@@ -47,6 +47,7 @@ STEPS = 16
 TOL = 1e-4  # fp32: max |ours - ref| of last-position log-probs / max(1, max |ref|)
 LAYOUTS = ("legacy", "v5")
 KEYS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")
+VIDEO_MEDIA = Path(__file__).parent / "fixtures" / "video" / "media"
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +60,8 @@ def media(tmp_path_factory):
     for name, (w, h) in {"wide": (64, 16), "tall": (16, 64)}.items():
         out[name] = d / f"{name}.png"
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(out[name])
-    out["video"] = make_video(d / "clip.mp4", *VIDEOS["portrait_30fps"])
-    out["video_3s"] = make_video(d / "clip3.mp4", *VIDEOS["short_24fps"])
+    out["video"] = VIDEO_MEDIA / "portrait_30fps.mp4"
+    out["video_3s"] = VIDEO_MEDIA / "short_24fps.mp4"  # the clip of tests/fixtures/video's goldens
     return out
 
 
@@ -137,10 +138,10 @@ def test_video_processor_settings_are_its_own(checkpoints, media, tmp_path):
     """transformers 5 layout whose video processor differs from the image processor (first
     resize 2048 vs 1536, fps 2 / 4 frames vs fps 1 / 64): frames follow the video processor,
     as transformers' SmolVLMVideoProcessor does (its settings are read live; its frames need
-    torchvision, so pixels are tied to its golden frame from tests/fixtures/video)."""
+    torchvision, so frame 0 is compared with its golden frame from tests/fixtures/video)."""
     from test_video import ARRAYS
 
-    from mlx_smolvlm.video import frame_pixels, load_video, resize_frame, sample_frame_indices
+    from mlx_smolvlm.video import frame_pixels, resize_frame, sample_frame_indices
 
     _, v5, ref_model = checkpoints("HuggingFaceTB/SmolVLM2-256M-Video-Instruct")
     folder = tmp_path / "video_differs"
@@ -164,13 +165,11 @@ def test_video_processor_settings_are_its_own(checkpoints, media, tmp_path):
                                          {"type": "text", "text": "What happens?"}]}]
     inputs = processor(msgs)
     assert inputs["pixel_values"].shape[1] == len(sample_frame_indices(72, 24, 3.0, 2, 4)) == 4
-    # transformers' own frame at 2048 -> 512 (golden) is what resize_frame gives at the video
-    # processor's settings, and not at the image processor's; the processor used them
+    # frame 0 is transformers' own (golden) frame at 2048 -> 512; the image processor's 1536
+    # would give other pixels
     decoded, golden = ARRAYS["short_24fps/decoded"][0], ARRAYS["short_24fps/real"][0]
-    assert np.array_equal(resize_frame(decoded, 2048, 512), golden)
+    assert np.array_equal(inputs["pixel_values"][0, 0], frame_pixels(golden[None])[0])
     assert not np.array_equal(resize_frame(decoded, 1536, 512), golden)
-    frame = load_video(media["video_3s"], 2, 4, 1.0).frames[0]
-    assert np.array_equal(inputs["pixel_values"][0, 0], frame_pixels(resize_frame(frame, 2048, 512)[None])[0])
 
     model = load_model(folder)
     tokens, logprobs = our_greedy(model, processor, msgs, None)
