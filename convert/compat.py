@@ -11,17 +11,7 @@ import copy
 from dataclasses import fields
 
 from mlx_smolvlm.config import ModelConfig
-
-
-def reader_path(path: str) -> str:
-    """Our module path -> mlx-vlm's and mlx-swift-lm's (Idefics3 `Model`) module path."""
-    if path.startswith("model.text_model."):
-        return "language_model." + path[len("model.text_model.") :]
-    if path.startswith("model."):
-        return path[len("model.") :]
-    if path == "lm_head":
-        return "language_model.lm_head"
-    return path
+from mlx_smolvlm.layout import to_mlx_vlm
 
 
 def explicit_config(raw: dict, config: ModelConfig) -> dict:
@@ -42,5 +32,5 @@ def with_reader_paths(quantization: dict) -> dict:
     out = dict(quantization)
     for path, params in quantization.items():
         if isinstance(params, dict):
-            out.setdefault(reader_path(path), params)
+            out.setdefault(to_mlx_vlm(path), params)
     return out

@@ -47,4 +47,5 @@ while True:
         print(r.text, end="", flush=True)
         reply += r.text
     print(f"\n[{r.prompt_tokens - r.cached_tokens} new prompt tokens, {r.cached_tokens} from the cache]")
-    messages.append(turn("assistant", reply))
+    # Stored as the model generated it, so the next turn reuses the whole cache.
+    messages.append(processor.reply_message(reply))

@@ -10,6 +10,14 @@ decoder's sizes have no default: a config without them is not a SmolVLM.
 from dataclasses import MISSING, dataclass, fields
 
 MODEL_TYPES = ("idefics3", "smolvlm")
+# transformers' Llama rope types we compute, and the parameters each reads. `dynamic` (NTK)
+# changes the frequencies only past max_position_embeddings, which generation refuses.
+ROPE_TYPES = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 class ConfigError(ValueError):
@@ -70,6 +78,8 @@ class TextConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float | None = None
     rope_parameters: dict | None = None
+    rope_scaling: dict | None = None  # transformers 4's name; replaces rope_parameters if set
+    partial_rotary_factor: float | None = None
     max_position_embeddings: int = 8192
     hidden_act: str = "silu"
     attention_bias: bool = False
@@ -82,13 +92,29 @@ class TextConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        # transformers 5 may write theta only under rope_parameters.
-        rope = self.rope_parameters or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"text_config rope_type {rope_type!r} is not supported")
-        if self.rope_theta is None:
-            self.rope_theta = rope.get("rope_theta", 10000.0)
+        self._resolve_rope()
+
+    def _resolve_rope(self):
+        # As transformers 5 (convert_rope_params_to_dict): a legacy `rope_scaling` replaces
+        # `rope_parameters`, whose own rope_theta wins over the top-level one.
+        name = "rope_scaling" if self.rope_scaling else "rope_parameters"
+        rope = dict(self.rope_scaling or self.rope_parameters or {})
+        rope_type = rope.setdefault("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ConfigError(
+                f"text_config.{name} rope_type {rope_type!r} is not supported "
+                f"(supported: {', '.join(ROPE_TYPES)})"
+            )
+        partial = rope.get("partial_rotary_factor", self.partial_rotary_factor)
+        if partial not in (None, 1, 1.0):
+            raise ConfigError(f"text_config partial_rotary_factor {partial} is not supported (only 1.0)")
+        rope.setdefault("rope_theta", 10000.0 if self.rope_theta is None else self.rope_theta)
+        if rope_type == "llama3":
+            rope.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+        missing = [k for k in ROPE_TYPES[rope_type] if k not in rope]
+        if missing:
+            raise ConfigError(f"text_config.{name} ({rope_type}) is missing {', '.join(missing)}")
+        self.rope_theta, self.rope_parameters = rope["rope_theta"], rope
 
     @classmethod
     def from_dict(cls, params: dict):

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, help="random seed for sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--keep-special-tokens", action="store_true",
+                   help="keep added special tokens in the text (DocTags models: <doctag>, <loc_N> ...)")
     split = p.add_mutually_exclusive_group()
     split.add_argument("--no-split", action="store_true", help="one global tile per image, no tiling")
     split.add_argument("--max-tiles", type=at_least_1, help="tiles per image at most")
@@ -101,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most frames per video (default: the model's, 64)")
     p.add_argument("--frame-size", type=_checked(int, lambda v: v >= 1, ">= 1"),
                    help="square video frame side in pixels; smaller means fewer tokens per frame "
-                   "(a multiple of 64 up to 512 on 256M/500M; default: the model's, 512)")
+                   "(256M/500M: 512 or a multiple of 64 below; 2.2B: 384 or a multiple of 42 below; "
+                   "default: the model's)")
     kv = p.add_argument_group("KV cache (as in mlx-lm)")
     kv.add_argument("--kv-bits", type=int, choices=[4, 8], help="store the KV cache group-quantized")
     kv.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64)
@@ -193,6 +196,7 @@ def stream_to_stdout(model, processor, messages, args, controls, prompt_cache=No
         kv_group_size=args.kv_group_size,
         quantized_kv_start=args.quantized_kv_start,
         max_kv_size=args.max_kv_size,
+        skip_special_tokens=not args.keep_special_tokens,
         **controls,
     ):
         print(r.text, end="", flush=True)
@@ -218,7 +222,7 @@ def chat(model, processor, messages, args, controls):
                 return
         messages.append(message(processor, "user", prompt, images, videos))
         reply = stream_to_stdout(model, processor, messages, args, controls, cache)
-        messages.append(message(processor, "assistant", reply))
+        messages.append(processor.reply_message(reply))
         prompt, images, videos = None, (), ()
 
 

@@ -169,11 +169,17 @@ def stream_generate(
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
     max_kv_size: int | None = None,
+    skip_special_tokens: bool = True,
+    clip_to_context: bool = False,
     **controls,
 ) -> Iterator[GenerationResponse]:
     """Generate from chat `messages` (transformers' format) or a raw prompt string.
 
-    Yields a GenerationResponse per token. `controls` go to the processor
+    Yields a GenerationResponse per token. `skip_special_tokens=False` keeps added special
+    tokens in the text (DocTags: `<doctag>`, `<loc_12>` ...; `stop` strings may be such
+    tokens); the end-of-sequence token ends generation and is never text. A prompt plus
+    `max_tokens` beyond the context length is an error, unless `clip_to_context`: then
+    generation ends where the context does (finish_reason "length"). `controls` go to the processor
     (do_image_splitting, max_tiles, longest_edge). A `prompt_cache` kept across calls
     (multi-turn chat) prefills only the tokens that follow what it already holds.
     KV-cache options (`kv_bits`, `kv_group_size`, `quantized_kv_start`, `max_kv_size`): see
@@ -181,6 +187,8 @@ def stream_generate(
     """
     inputs = processor(prompt, images=images, **controls)
     ids = np.asarray(inputs["input_ids"])[0].tolist()
+    if clip_to_context:
+        max_tokens = min(max_tokens, text_config(model).max_position_embeddings - len(ids))
     check_length(model, len(ids), max_tokens)
     check_kv_options(kv_bits, kv_group_size, max_kv_size)
     cache = prompt_cache if prompt_cache is not None else PromptCache(model, max_kv_size)
@@ -197,7 +205,7 @@ def stream_generate(
 
     tokenizer = processor.tokenizer
     eos = tokenizer.eos_token_ids
-    detok = StreamingDetokenizer(tokenizer)
+    detok = StreamingDetokenizer(tokenizer, skip_special_tokens)
     stop = [s for s in (stop or []) if s]
     mx.reset_peak_memory()
     tic = time.perf_counter()

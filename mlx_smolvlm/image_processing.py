@@ -56,6 +56,18 @@ def _read_bytes(source, timeout):
     raise ImageError(f"image {_name(source)}: no such file")
 
 
+def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
+    """Decode image bytes as transformers' `load_image` does: EXIF orientation, then RGB."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return ImageOps.exif_transpose(image).convert("RGB")
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"image {name}: not a supported image format") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"image {name}: truncated or corrupt ({e})") from None
+
+
 def load_image(source, timeout=URL_TIMEOUT):
     """Open an image from a path, an http(s) URL, a base64 string or data URI, or a PIL image.
 
@@ -66,15 +78,7 @@ def load_image(source, timeout=URL_TIMEOUT):
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, (str, Path)):
-        data = _read_bytes(source, timeout)
-        try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-            image = ImageOps.exif_transpose(image).convert("RGB")
-        except Image.UnidentifiedImageError:
-            raise ImageError(f"image {_name(source)}: not a supported image format") from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise ImageError(f"image {_name(source)}: truncated or corrupt ({e})") from None
+        image = decode_image(_read_bytes(source, timeout), _name(source))
     else:
         kind = type(source).__name__
         raise ImageError(f"image {_name(source)}: expected a path, URL or PIL image, got {kind}")

@@ -1,10 +1,43 @@
 """The Llama (SmolLM2) decoder, with transformers' module names."""
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from .config import TextConfig
 from .quantized_cache import attention
+
+
+def llama3_inv_freq(p: dict, dims: int) -> mx.array:
+    """transformers' `llama3` rope_type: long wavelengths slowed by `factor`, short ones kept,
+    a smooth ramp between (float32, in the reference's order of operations)."""
+    inv = 1.0 / (p["rope_theta"] ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims))
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old = p["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = mx.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return mx.where(medium, smoothed, scaled)
+
+
+class RoPE(nn.Module):
+    """Rotary embedding of transformers' Llama: the rotate_half layout (MLX's non-traditional),
+    frequencies from `rope_parameters` as TextConfig resolved them."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        p, self.dims = cfg.rope_parameters, cfg.head_dim
+        # linear: positions divided by `factor`; llama3: MLX takes periods (1 / inv_freq).
+        self.scale = 1.0 / p["factor"] if p["rope_type"] == "linear" else 1.0
+        self.base = None if p["rope_type"] == "llama3" else p["rope_theta"]
+        self._freqs = 1.0 / llama3_inv_freq(p, self.dims) if self.base is None else None
+
+    def __call__(self, x, offset=0):
+        return mx.fast.rope(x, self.dims, traditional=False, base=self.base, scale=self.scale,
+                            offset=offset, freqs=self._freqs)
 
 
 class Attention(nn.Module):
@@ -19,8 +52,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=bias)
-        # transformers' Llama rotates halves (rotate_half), MLX's non-traditional layout.
-        self.rope = nn.RoPE(self.head_dim, traditional=False, base=cfg.rope_theta)
+        self.rope = RoPE(cfg)
 
     def __call__(self, x, mask=None, cache=None):
         B, L, _ = x.shape
@@ -61,6 +93,15 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def attention_mask(L: int, cache):
+    # The cache knows what a chunk may see: a rotating one masks beyond its window, a batch
+    # cache (batch_cache.py) each row's left padding. Without one, one new token attends to
+    # everything before it and a longer chunk needs causality.
+    if cache is not None:
+        return cache.make_mask(L)
+    return "causal" if L > 1 else None
+
+
 class LanguageModel(nn.Module):
     """transformers' LlamaModel: embeddings, layers, final norm."""
 
@@ -74,8 +115,7 @@ class LanguageModel(nn.Module):
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
         if cache is None:
             cache = [None] * len(self.layers)
-        # The cache knows what a chunk may see (a rotating one masks beyond its window).
-        mask = cache[0].make_mask(h.shape[1]) if cache[0] is not None else ("causal" if h.shape[1] > 1 else None)
+        mask = attention_mask(h.shape[1], cache[0])
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
         return self.norm(h)

@@ -7,6 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import layout
 from .config import ConfigError, ModelConfig
 from .model import Model
 
@@ -76,7 +77,9 @@ QUANT_GROUP_SIZES = (32, 64, 128)
 
 def check_quantization(quantization: dict):
     settings = [("quantization", quantization)] + [
-        (f"quantization[{k!r}]", v) for k, v in quantization.items() if isinstance(v, dict)
+        (f"quantization of layer {k}", {**quantization, **v})
+        for k, v in quantization.items()
+        if isinstance(v, dict)
     ]
     for where, q in settings:
         mode, bits, group = q.get("mode", "affine"), q.get("bits"), q.get("group_size")
@@ -91,12 +94,21 @@ def apply_quantization(model: nn.Module, quantization: dict, weights: dict):
     """Quantize the layers the checkpoint stores quantized, as its config describes."""
     check_quantization(quantization)
 
+    defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
+
     def predicate(p, m):
-        if p in quantization:
-            return quantization[p]
         if not hasattr(m, "to_quantized"):
             return False
-        return f"{p}.scales" in weights
+        if p in quantization:
+            q = quantization[p] and {**defaults, **quantization[p]}
+        else:
+            q = f"{p}.scales" in weights and defaults
+        if q and m.weight.shape[-1] % q["group_size"]:
+            raise CheckpointError(
+                f"layer {p}: group_size {q['group_size']} ({q['bits']} bits) does not divide its "
+                f"input width {m.weight.shape[-1]}"
+            )
+        return q
 
     nn.quantize(
         model,
@@ -161,11 +173,16 @@ def load_model(path_or_repo: str | Path, dtype: mx.Dtype | None = None, lazy: bo
     path = get_model_path(str(path_or_repo))
     raw = load_config(path)
     try:
-        config = ModelConfig.from_dict(raw)
-    except ConfigError as e:
+        config = ModelConfig.from_dict(dict(raw, quantization=layout.quantization_of(raw)))
+    except (ConfigError, layout.LayoutError) as e:
         raise CheckpointError(f"{path}/config.json: {e}") from None
     model = Model(config)
-    weights = model.sanitize(load_safetensors(path))
+    weights = load_safetensors(path)
+    try:
+        layout.detect(weights)
+    except layout.LayoutError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    weights = model.sanitize(weights)
     if dtype is not None:
         # Cast before loading, so stored and cast copies of the weights are never all alive.
         weights = {k: cast_float(v, dtype) for k, v in weights.items()}

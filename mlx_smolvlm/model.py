@@ -7,6 +7,7 @@ import numpy as np
 from .config import ModelConfig
 from .connector import Connector
 from .language import LanguageModel, lm_logits
+from .layout import from_mlx_vlm
 from .vision import VisionModel, patch_attention_mask
 
 
@@ -97,10 +98,22 @@ class Model(nn.Module):
             # Only batch padding is dropped: the gather copies every pixel it keeps.
             idx = mx.array(real_idx)
             pixels, pam = pixels[idx], pam[idx]
+        return self.merge_image_features(input_ids, self.encode_images(pixels, pam), embeds)
+
+    def encode_images(self, pixels: mx.array, pixel_attention_mask: mx.array) -> mx.array:
+        """(N, C, H, W) real images and their (N, H, W) masks -> (N, tokens, text hidden)."""
+        pam = pixel_attention_mask.astype(mx.bool_)
         patch_mask = patch_attention_mask(pam, self.config.vision_config.patch_size)
-        feats = self.get_image_features(pixels.transpose(0, 2, 3, 1), patch_mask)
+        return self.get_image_features(pixels.transpose(0, 2, 3, 1), patch_mask)
+
+    def merge_image_features(self, input_ids, feats, embeds=None) -> mx.array:
+        """Token embeddings with `feats` (N, tokens, D) written over the `<image>` positions,
+        the k-th image token (row-major over the batch) taking the k-th feature row."""
+        if embeds is None:
+            embeds = self.model.text_model.embed_tokens(input_ids)
+        B = embeds.shape[0]
+        is_image = input_ids == self.config.image_token_id
         feats = feats.reshape(-1, feats.shape[-1]).astype(embeds.dtype)
-        # k-th image token (row-major over the batch) takes the k-th feature row.
         flat = is_image.reshape(-1)
         rows = mx.maximum(mx.cumsum(flat.astype(mx.int32)) - 1, 0)
         merged = mx.where(flat[:, None], feats[rows], embeds.reshape(B * embeds.shape[1], -1))
@@ -120,15 +133,16 @@ class Model(nn.Module):
         return lm_logits(self.model.text_model, self.get("lm_head"), h)
 
     def sanitize(self, weights: dict) -> dict:
-        """Hugging Face (or already converted) weights -> this module's. Idempotent."""
+        """Hugging Face, mlx-vlm or already converted weights -> this module's. Idempotent."""
         v_cfg = self.config.vision_config
         torch_conv = (v_cfg.num_channels, v_cfg.patch_size, v_cfg.patch_size)
         out = {}
         for k, v in weights.items():
+            k = from_mlx_vlm(k)  # a fixed prefix table (layout.py); our keys pass unchanged
             if "rotary_emb.inv_freq" in k:
                 continue
-            if k == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
+            if k.startswith("lm_head.") and self.config.tie_word_embeddings:
+                continue  # mlx-vlm always writes a head (possibly quantized), tied or not
             if k.endswith("patch_embedding.weight") and tuple(v.shape[1:]) == torch_conv:
                 # PyTorch conv weights are (out, in, kH, kW); MLX wants (out, kH, kW, in).
                 # The config fixes both shapes, so the test is exact, not a guess.

@@ -3,6 +3,7 @@ reference token layout, tokenization and pixels. No torch or transformers at run
 
 import math
 import re
+from functools import cached_property
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from .image_processing import URL_TIMEOUT, ImageError, ImageProcessor, load_image
+from .processor_config import read_processor_settings
 from .tokenizer import Tokenizer, load_tokenizer, read_json
 from .video import CHAT_TEMPLATE as VIDEO_CHAT_TEMPLATE
 from .video import VideoOptions, load_video, video_pixels, video_prompt
@@ -24,6 +26,12 @@ IMAGE_TOKENS = {
 IMAGE_KEYS = ("image", "url", "path", "base64")
 VIDEO_TOKEN = "<video>"
 VIDEO_CONTROLS = ("fps", "max_frames", "skip_secs", "frame_size")
+# transformers' Idefics3Processor has no video input: these models never saw the video prompt.
+NO_VIDEO_MODEL_TYPES = ("idefics3",)
+
+
+class MediaError(ValueError):
+    """Media the checkpoint cannot take (a video for a model never trained on video)."""
 
 
 def image_prompt(rows, cols, image_seq_len, image_token, fake_image_token, global_image_token):
@@ -124,8 +132,9 @@ class Processor:
     SmolVLMProcessor / Idefics3Processor (PIL image-processor path)."""
 
     def __init__(self, tokenizer, image_processor=None, image_seq_len=DEFAULT_IMAGE_SEQ_LEN,
-                 timeout=URL_TIMEOUT, video_options=None):
+                 timeout=URL_TIMEOUT, video_options=None, model_type=None):
         self.tokenizer = tokenizer
+        self.model_type = model_type  # the checkpoint's config.json model_type
         self.image_processor = image_processor
         self.video_options = video_options or VideoOptions()
         self.image_seq_len = image_seq_len
@@ -138,10 +147,38 @@ class Processor:
     def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
         """Render transformers-format messages with the checkpoint's chat template."""
         if message_images(messages, "video"):
+            self._check_video()
             kwargs.setdefault("chat_template", VIDEO_CHAT_TEMPLATE)
         return self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, **kwargs
         )
+
+    def reply_message(self, text: str) -> dict:
+        """The assistant message to append to a chat history for a reply the model generated.
+
+        SmolVLM's template ends the generation prompt with `Assistant:` but renders a stored
+        reply as `Assistant: ` + text: the model's own leading space would be written twice,
+        the history would differ from what the KV cache holds, and the next turn would prefill
+        the reply again. What the template inserts there is read from the template itself
+        (SmolVLM: a space; SmolLM2: nothing) and taken off the reply's start."""
+        sep = self._reply_separator
+        return self._text_message("assistant", text[len(sep) :] if sep and text.startswith(sep) else text)
+
+    def _text_message(self, role, text):
+        # Text-only chat templates (SmolLM2's) take a string; SmolVLM's take a content list.
+        if self.image_processor is None:
+            return {"role": role, "content": text}
+        return {"role": role, "content": [{"type": "text", "text": text}]}
+
+    @cached_property
+    def _reply_separator(self) -> str:
+        mark = "<<reply>>"
+        user = [self._text_message("user", "?")]
+        prompt = self.apply_chat_template(user)
+        full = self.apply_chat_template(user + [self._text_message("assistant", mark)], False)
+        if not full.startswith(prompt) or mark not in full[len(prompt) :]:
+            return ""
+        return full[len(prompt) : full.index(mark, len(prompt))]
 
     def _prompt_and_images(self, messages, images, add_generation_prompt):
         if isinstance(messages, str):
@@ -230,28 +267,37 @@ class Processor:
         if not videos:
             return {"image": [], "video": []}
         options, block = self._video_setup(controls, min_side)
-        ip, items = self.image_processor, []
+        items = []
         for source in videos:
             video, pixels = video_pixels(
-                source, options, ip.image_mean, ip.image_std, ip.rescale_factor
+                source, options, options.image_mean, options.image_std, options.rescale_factor
             )
             items.append((video_prompt(video, block), pixels, np.ones(pixels[:, 0].shape, bool)))
         return {"image": [], "video": items}
 
-    def _video_setup(self, controls, min_side):
-        """Video options with `controls` applied, and the image block of one frame."""
+    def _check_video(self):
         if self.image_processor is None:
             raise ValueError("this model has no image processor: it takes text only")
-        options = VideoOptions(**{**vars(self.video_options), **controls})
-        tile = self.image_processor.tile_size
-        unit = tile // math.isqrt(self.image_seq_len)  # patch size x scale factor
-        if not (0 < options.frame_size <= tile and options.frame_size % unit == 0):
-            raise ValueError(
-                f"frame_size must be a multiple of {unit} up to {tile}, got {options.frame_size}"
+        if self.model_type in NO_VIDEO_MODEL_TYPES:
+            raise MediaError(
+                f"model_type {self.model_type!r} takes no video: it was not trained on video "
+                "(transformers' Idefics3Processor has no video input); use a SmolVLM2 checkpoint"
             )
-        # Tokens per frame scale with its (padded) area: a smaller frame_size costs fewer.
-        side = max(options.frame_size, min_side)
-        block = image_prompt(0, 0, self.image_seq_len * side**2 // tile**2, **self.image_tokens)
+
+    def _video_setup(self, controls, min_side):
+        """Video options with `controls` applied, and the image block of one frame."""
+        self._check_video()
+        options = VideoOptions(**{**vars(self.video_options), **controls})
+        tile, size = self.image_processor.tile_size, options.frame_size
+        unit = tile // math.isqrt(self.image_seq_len)  # patch size x scale factor
+        # The tile is always whole (the 2.2B's 384 = 9 x 42 + 6: its 27x27 patch grid leaves
+        # 6 px unseen). A smaller frame must be whole units, or its patch grid would not
+        # divide by the scale factor.
+        if not (size == tile or (0 < size < tile and size % unit == 0)):
+            raise ValueError(f"frame_size must be {tile} or a multiple of {unit} below it, got {size}")
+        # Tokens per frame follow its (padded) side: a smaller frame_size costs fewer.
+        side = max(size, min_side)
+        block = image_prompt(0, 0, (side // unit) ** 2, **self.image_tokens)
         return options, block
 
     def _expand(self, prompt, media):
@@ -280,22 +326,23 @@ class Processor:
 
 
 def load_processor(path, timeout=URL_TIMEOUT):
-    """Load the processor of a checkpoint folder (tokenizer files plus, for a VLM,
-    preprocessor_config.json and processor_config.json)."""
+    """Load the processor of a checkpoint folder: its tokenizer and, for a VLM, the image and
+    video processor settings in the Hub's legacy layout or transformers 5's."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
     tokenizer = load_tokenizer(path)
-    image_config = read_json(path / "preprocessor_config.json")
-    image_processor = ImageProcessor.from_dict(image_config) if image_config else None
-    proc_config = read_json(path / "processor_config.json")
-    image_seq_len = proc_config.get("image_seq_len", image_config.get("image_seq_len"))
+    settings = read_processor_settings(path)
+    if settings.image is None:
+        return text_processor(tokenizer, timeout)
+    model_type = read_json(path / "config.json").get("model_type")
     return Processor(
         tokenizer,
-        image_processor,
-        image_seq_len=image_seq_len or DEFAULT_IMAGE_SEQ_LEN,
+        ImageProcessor.from_dict(settings.image),
+        image_seq_len=settings.image_seq_len or DEFAULT_IMAGE_SEQ_LEN,
         timeout=timeout,
-        video_options=VideoOptions.from_config(image_config),
+        video_options=VideoOptions.from_config(settings.video),
+        model_type=model_type,
     )
 
 

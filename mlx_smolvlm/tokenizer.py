@@ -103,11 +103,28 @@ class Tokenizer:
             raise TokenizerError("this tokenizer has no chat template")
         if source not in self._templates:
             self._templates[source] = _template_env().from_string(source)
+        if reads_parts_only(source):
+            messages = [text_parts(m) for m in messages]
         return self._templates[source].render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             **{**self.special_tokens, **kwargs},
         )
+
+
+def reads_parts_only(template: str) -> bool:
+    """True for a template that reads each message's content as a list of typed parts and has no
+    branch for a plain string, like the hub's SmolVLM chat templates: it would render string
+    content as nothing (transformers does exactly that), so the model would see empty turns."""
+    return "['type']" in template and "is string" not in template
+
+
+def text_parts(message: dict) -> dict:
+    """String content as one text part: what transformers' current SmolVLM2 template renders for
+    a string (`': ' + content`), the legacy templates render for a text part."""
+    if isinstance(message.get("content"), str):
+        return {**message, "content": [{"type": "text", "text": message["content"]}]}
+    return message
 
 
 def read_json(path):
@@ -147,8 +164,13 @@ def load_tokenizer(path):
     for name, value in config.items():
         if name.endswith("_token") and isinstance(_token_content(value), str):
             special[name] = _token_content(value)
-    for name, value in (config.get("extra_special_tokens") or {}).items():
-        special[name] = _token_content(value)
+    # transformers 4 wrote named extra tokens as a dict under `extra_special_tokens`;
+    # transformers 5 writes there a list of unnamed ones, the named ones being top-level
+    # `*_token` keys (read above) or, in some versions, under `model_specific_special_tokens`.
+    for key in ("extra_special_tokens", "model_specific_special_tokens"):
+        named = config.get(key)
+        if isinstance(named, dict):
+            special.update((name, _token_content(value)) for name, value in named.items())
 
     eos_ids = set()
     if special.get("eos_token") is not None:

@@ -25,11 +25,12 @@ MAX_IMAGE_SIZE = 4096
 # holds a video with it, whatever template the checkpoint ships.
 CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'] is string %}{{': ' + message['content']}}{% else %}"
     "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
     "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
     "{% elif line['type'] == 'image' %}{{ '<image>' }}"
     "{% elif line['type'] == 'video' %}{{ '<video>' }}"
-    "{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
@@ -47,6 +48,9 @@ class VideoOptions:
     skip_secs: float = 1.0
     longest_edge: int = 2048  # first resize: the frame's longest edge (the reference's `size`)
     frame_size: int = 512  # second resize: a square frame (`max_image_size`), one image block
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
+    rescale_factor: float = 1 / 255
 
     @classmethod
     def from_config(cls, cfg: dict, **overrides) -> "VideoOptions":
@@ -58,6 +62,9 @@ class VideoOptions:
             max_frames=sampling.get("max_frames", 64),
             longest_edge=size["longest_edge"],
             frame_size=cfg.get("max_image_size", {"longest_edge": 364})["longest_edge"],
+            image_mean=tuple(cfg.get("image_mean", cls.image_mean)),
+            image_std=tuple(cfg.get("image_std", cls.image_std)),
+            rescale_factor=cfg.get("rescale_factor", cls.rescale_factor),
         )
         for k, v in overrides.items():
             if v is not None:

@@ -7,10 +7,13 @@ from .config import VisionConfig
 
 
 def patch_attention_mask(pixel_attention_mask: mx.array, patch_size: int) -> mx.array:
-    """(N, H, W) pixel mask -> (N, H/p, W/p): a patch counts if any pixel in it is real."""
+    """(N, H, W) pixel mask -> (N, H//p, W//p): a patch counts if any pixel in it is real."""
     N, H, W = pixel_attention_mask.shape
-    m = pixel_attention_mask.reshape(N, H // patch_size, patch_size, W // patch_size, patch_size)
-    return m.any(axis=(2, 4))
+    Ph, Pw = H // patch_size, W // patch_size
+    # 384-px tiles with 14-px patches: the stride-p conv sees 27 patches and ignores the
+    # last 6 pixels; the reference's unfold drops them from the mask too.
+    m = pixel_attention_mask[:, : Ph * patch_size, : Pw * patch_size]
+    return m.reshape(N, Ph, patch_size, Pw, patch_size).any(axis=(2, 4))
 
 
 class VisionEmbeddings(nn.Module):

@@ -52,6 +52,11 @@ TEXT_1_7B = smollm2(2048, 24, 32, 32, 8192, 273768.0, vocab=49155)
 # against the published config, which cannot be downloaded here).
 TEXT_1_7B_V2 = smollm2(2048, 24, 32, 32, 8192, 273768.0)
 
+# granite-docling-258M (ibm-granite/granite-docling-258M-mlx config.json, mlx-vlm 0.3.3): the
+# SigLIP2 base-patch16-512 tower has SigLIP base's shapes; a Llama decoder of SmolLM2-135M's
+# shape with a 100352-token vocabulary.
+TEXT_GRANITE_DOCLING = smollm2(576, 30, 9, 3, 1536, 100000.0, vocab=100352)
+
 PRESETS = {
     # scale 4 over an 8x8 patch grid: 4 tokens per tile; untied head.
     "tiny-idefics3": dict(model_type="idefics3", scale_factor=4, image_token_id=300, tie_word_embeddings=False,
@@ -59,6 +64,10 @@ PRESETS = {
     # scale 3 over a 9x9 patch grid: 9 tokens per tile; tied head.
     "tiny-smolvlm": dict(model_type="smolvlm", scale_factor=3, image_token_id=300, tie_word_embeddings=True,
                          vision_config=dict(TINY_VISION, image_size=36), text_config=TINY_TEXT),
+    # The 2.2B geometry at tiny widths: 384-px tiles, 14-px patches (27x27, the last 6 px
+    # unseen), scale 3: 81 tokens per tile.
+    "tiny-p14": dict(model_type="smolvlm", scale_factor=3, image_token_id=300, tie_word_embeddings=False,
+                     vision_config=dict(TINY_VISION, patch_size=14, image_size=384), text_config=TINY_TEXT),
     "smolvlm-256m": dict(model_type="idefics3", scale_factor=4, image_token_id=49190,
                          vision_config=SIGLIP_B16, text_config=TEXT_135M),
     "smolvlm-500m": dict(model_type="idefics3", scale_factor=4, image_token_id=49190,
@@ -71,23 +80,33 @@ PRESETS = {
                           vision_config=SIGLIP_B16, text_config=TEXT_360M),
     "smolvlm2-2.2b": dict(model_type="smolvlm", scale_factor=3, image_token_id=49190,
                           vision_config=SIGLIP_SO400M, text_config=TEXT_1_7B_V2),
+    "granite-docling-258m": dict(model_type="idefics3", scale_factor=4, image_token_id=100270,
+                                 vision_config=SIGLIP_B16, text_config=TEXT_GRANITE_DOCLING),
 }
 
 
-def build_model(preset: dict, seed: int = 0):
+def build_model(preset: dict, seed: int = 0, layers: int | None = None):
+    """The reference model of `preset` with random weights; `layers` cuts both towers' depth
+    (real widths at a CPU test's cost)."""
     import torch
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, SmolVLMConfig
     from transformers import SmolVLMForConditionalGeneration
 
     preset = json.loads(json.dumps(preset))
+    if layers is not None:
+        for key in ("vision_config", "text_config"):
+            preset[key]["num_hidden_layers"] = layers
     if preset["model_type"] == "idefics3":
         config_cls, model_cls = Idefics3Config, Idefics3ForConditionalGeneration
     else:
         config_cls, model_cls = SmolVLMConfig, SmolVLMForConditionalGeneration
     preset.pop("model_type")
     config = config_cls(**preset)
+    from transformers.initialization import no_init_weights
+
     torch.manual_seed(seed)
-    model = model_cls(config).eval()
+    with no_init_weights():  # randomize() draws every parameter; the reference init is slow
+        model = model_cls(config).eval()
     randomize(model)
     return model
 
@@ -115,11 +134,12 @@ def main(argv=None):
     ap.add_argument("out", type=Path)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, help="layers per tower (default: the preset's)")
     args = ap.parse_args(argv)
 
     import torch
 
-    model = build_model(PRESETS[args.preset], args.seed).to(getattr(torch, args.dtype))
+    model = build_model(PRESETS[args.preset], args.seed, args.layers).to(getattr(torch, args.dtype))
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     n = sum(p.numel() for p in model.parameters())

@@ -38,12 +38,24 @@ SMOLVLM_ADDED = ["<global-img>", *ROWS_COLS, "<fake_token_around_image>", "<imag
 # SmolVLM-Instruct 2.2B (vocab 49155): row/col and <global-img> are plain text there.
 IDEFICS3_ADDED = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
 
+# Document models (SmolDocling, granite-docling) answer in DocTags: added special tokens.
+# granite-docling's vocabulary is 100352 (a 100k tokenizer, not SmolLM2's): these tokens and
+# placeholders fill the ids between SmolLM2's 49152 and the SmolVLM added block.
+DOCTAGS = [
+    "<doctag>", "</doctag>", "<otsl>", "</otsl>", "<fcel>", "<ecel>", "<nl>", "<text>", "</text>",
+    "<title>", "</title>", "<section_header_level_1>", "</section_header_level_1>",
+    "<page_header>", "</page_header>", "<picture>", "</picture>",
+    *[f"<loc_{i}>" for i in range(501)],
+]
 LAYOUTS = {
     # name: (added tokens before the reserved block, vocab size, model_type)
     "smolvlm": (SMOLVLM_ADDED, 49280, "idefics3"),
     "smolvlm2": (SMOLVLM_ADDED, 49280, "smolvlm"),
     "idefics3-2.2b": (IDEFICS3_ADDED, 49155, "idefics3"),
+    # granite-docling-258M: vocab 100352, <image> 100270 (its config.json)
+    "docling": (SMOLVLM_ADDED, 100352, "idefics3"),
 }
+SMOLLM2_VOCAB = 49152
 
 
 def _added_tokens(layout, vocab_size, image_token_id):
@@ -52,6 +64,9 @@ def _added_tokens(layout, vocab_size, image_token_id):
     vocab_size = vocab_size or real_vocab
     start = (image_token_id - named.index("<image>")) if image_token_id else 49152
     ids = {t: start + i for i, t in enumerate(named)}
+    if start > SMOLLM2_VOCAB:
+        fill = DOCTAGS + [f"<|unused_{i}|>" for i in range(start - SMOLLM2_VOCAB - len(DOCTAGS))]
+        ids.update({t: SMOLLM2_VOCAB + i for i, t in enumerate(fill)})
     if "<end_of_utterance>" not in ids:
         # 256M/500M: 88 reserved tokens then <end_of_utterance> as the last id
         n = vocab_size - 1 - (start + len(named))
@@ -62,21 +77,28 @@ def _added_tokens(layout, vocab_size, image_token_id):
 
 def build_tokenizer(layout="smolvlm", vocab_size=None, image_token_id=None, gguf=None):
     """`tokenizers.Tokenizer` with SmolLM2's vocabulary cut at the first added id."""
-    backend, _, _ = tokenizer_from_gguf(gguf or default_gguf())
     start, added = _added_tokens(layout, vocab_size, image_token_id)
+    # past SmolLM2's vocabulary the ids up to `start` are added tokens too (_added_tokens)
+    return tokenizer_with_added(added, min(start, SMOLLM2_VOCAB), gguf)
+
+
+def tokenizer_with_added(added, base, gguf=None):
+    """SmolLM2's BPE below id `base` (filled with unreachable `<|filler_i|>` entries when
+    `base` is beyond its 49152 tokens), then the `{token: id}` added special tokens."""
+    backend, _, _ = tokenizer_from_gguf(gguf or default_gguf())
     data = json.loads(backend.to_str())
-    vocab = {t: i for t, i in data["model"]["vocab"].items() if i < start}
-    if len(vocab) < start:
-        raise ValueError(f"the GGUF vocabulary has {len(vocab)} tokens, fewer than {start}")
-    merges = [m for m in data["model"]["merges"] if "".join(m) in vocab]
+    vocab = {t: i for t, i in data["model"]["vocab"].items() if i < base}
+    vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), base)})
     data["model"]["vocab"] = vocab
-    data["model"]["merges"] = merges
-    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < start]
+    data["model"]["merges"] = [m for m in data["model"]["merges"] if "".join(m) in vocab]
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < base]
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(json.dumps(data))
-    for token, token_id in sorted(added.items(), key=lambda kv: kv[1]):
-        tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+    # One call: adding tens of thousands of tokens one by one rebuilds the matcher each time.
+    ordered = sorted(added.items(), key=lambda kv: kv[1])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, _ in ordered])
+    for token, token_id in ordered:
         if tokenizer.token_to_id(token) != token_id:
             got = tokenizer.token_to_id(token)
             raise AssertionError(f"{token} got id {got}, expected {token_id}")
@@ -84,9 +106,11 @@ def build_tokenizer(layout="smolvlm", vocab_size=None, image_token_id=None, gguf
 
 
 def write_processor_folder(dest, layout="smolvlm", tile=512, image_seq_len=64, longest_edge=None,
-                           vocab_size=None, image_token_id=None, gguf=None):
-    """Write tokenizer.json, tokenizer_config.json, chat_template.jinja,
-    preprocessor_config.json and processor_config.json into `dest`."""
+                           vocab_size=None, image_token_id=None, gguf=None, video_sampling=None,
+                           template_file="chat_template.jinja"):
+    """Write tokenizer.json, tokenizer_config.json, the chat template (`template_file`:
+    chat_template.jinja, or chat_template.json as the Hub's repos have it),
+    preprocessor_config.json (with `video_sampling` if given) and processor_config.json."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     model_type = LAYOUTS[layout][2]
@@ -119,7 +143,10 @@ def write_processor_folder(dest, layout="smolvlm", tile=512, image_seq_len=64, l
     }
     (dest / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     template = CHAT_TEMPLATE.replace("{VIDEO}", VIDEO_CLAUSE if smolvlm else "")
-    (dest / "chat_template.jinja").write_text(template)
+    if template_file.endswith(".json"):
+        (dest / template_file).write_text(json.dumps({"chat_template": template}, indent=2))
+    else:
+        (dest / template_file).write_text(template)
     image_config = {
         "do_convert_rgb": True,
         "do_image_splitting": True,
@@ -136,13 +163,15 @@ def write_processor_folder(dest, layout="smolvlm", tile=512, image_seq_len=64, l
         "rescale_factor": 1 / 255,
         "size": {"longest_edge": longest_edge or 4 * tile},
     }
+    if video_sampling:
+        image_config["video_sampling"] = video_sampling
     (dest / "preprocessor_config.json").write_text(json.dumps(image_config, indent=2))
     processor = {"image_seq_len": image_seq_len, "processor_class": f"{prefix}Processor"}
     (dest / "processor_config.json").write_text(json.dumps(processor, indent=2))
     return dest
 
 
-def write_processor_for_model(dest, config, gguf=None):
+def write_processor_for_model(dest, config, gguf=None, longest_edge=None):
     """Processor folder matching a model config.json dict (tiny random checkpoints included):
     tile = vision image_size, image_seq_len = (tile / patch)**2 / scale_factor**2, and the
     vocabulary cut so `<image>` is the config's image_token_id."""
@@ -153,8 +182,9 @@ def write_processor_for_model(dest, config, gguf=None):
     if config["model_type"] == "smolvlm":
         layout = "smolvlm2"
     else:
-        layout = "idefics3-2.2b" if vocab == LAYOUTS["idefics3-2.2b"][1] else "smolvlm"
-    return write_processor_folder(dest, layout, tile, seq_len, vocab_size=vocab,
+        by_vocab = {LAYOUTS[k][1]: k for k in ("idefics3-2.2b", "docling")}
+        layout = by_vocab.get(vocab, "smolvlm")
+    return write_processor_folder(dest, layout, tile, seq_len, longest_edge, vocab_size=vocab,
                                   image_token_id=config["image_token_id"], gguf=gguf)
 
 

@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 import mlx_smolvlm  # noqa: F401  before any test module imports mlx.core: see mlx_smolvlm/blas.py
 
-# tests/make_golden.py and scripts/make_checkpoint.py are importable by the tests.
+# The fixture generators in scripts/ (make_golden.py, make_checkpoint.py, ...) are importable by the tests.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
 
@@ -25,10 +26,26 @@ def processor_folder(tmp_path_factory):
     made = {}
 
     def make(**kwargs):
-        key = tuple(sorted(kwargs.items()))
+        key = json.dumps(kwargs, sort_keys=True)
         if key not in made:
             dest = tmp_path_factory.mktemp("processor")
             made[key] = write_processor_folder(dest, **kwargs)
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics3(tmp_path_factory):
+    """The committed tiny-idefics3 weights with a processor folder: a complete checkpoint."""
+    from make_generate_golden import tiny_folder
+
+    return tiny_folder("tiny-idefics3", tmp_path_factory.mktemp("tiny-idefics3"))
+
+
+@pytest.fixture(scope="session")
+def sample_images(tmp_path_factory):
+    """{"wide.png": path, "square.png": path}: small random images."""
+    from make_generate_golden import write_images
+
+    return write_images(tmp_path_factory.mktemp("images"))

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from make_generate_golden import gguf_path, tiny_folder, write_images
+from make_generate_golden import gguf_path
 
 from mlx_smolvlm import blas
 
@@ -24,13 +24,13 @@ def cli(*args, stdin=None, timeout=120):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_folder("tiny-idefics3", tmp_path_factory.mktemp("tiny"))
+def tiny(tiny_idefics3):
+    return tiny_idefics3
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("images"))
+def images(sample_images):
+    return sample_images
 
 
 def test_gguf_answer_with_stats():

@@ -11,8 +11,8 @@ from mlx.utils import tree_flatten
 
 from mlx_smolvlm.convert import ConvertError, RECIPES, convert, quantize_model
 from mlx_smolvlm.convert.__main__ import main
-from mlx_smolvlm.convert.compat import reader_path
 from mlx_smolvlm.convert.quality import agreement, all_logits, image_prompt
+from mlx_smolvlm.layout import to_mlx_vlm
 from mlx_smolvlm.loading import CheckpointError, load_model, load_safetensors
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -86,7 +86,7 @@ def test_every_recipe_round_trips(tmp_path, preset, recipe, bits, group_size):
             assert not isinstance(module, QUANTIZED), path
         else:
             assert (module.bits, module.group_size) == (entry["bits"], entry["group_size"]), path
-            assert q[reader_path(path)] == entry  # what mlx-vlm and mlx-swift-lm look up
+            assert q[to_mlx_vlm(path)] == entry  # what mlx-vlm and mlx-swift-lm look up
 
     # Loading gives exactly the model the converter quantized in memory.
     fresh = load_model(src)
@@ -327,3 +327,22 @@ def test_quality_prompts_use_the_checkpoint_tokenizer(tmp_path):
     assert ids == [tok.encode(t).ids[:10] for t in TEXTS] and 0 not in ids[0]
     # Without a tokenizer: fixed random ids below the vocab size.
     assert text_ids(None, 512) == text_ids(None, 512) and max(map(max, text_ids(None, 512))) < 512
+
+
+def test_installed_inside_our_namespace(tmp_path):
+    """`convert/` installs as mlx_smolvlm.convert: no top-level `convert` module in site-packages
+    (it would collide with any other package or script of that name), and both entry points work
+    from outside the repository."""
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+
+    script = ("import importlib.util, mlx_smolvlm.convert as c; "
+              "print(importlib.util.find_spec('convert') is None, c.__name__)")
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert r.stdout.split() == ["True", "mlx_smolvlm.convert"], r.stderr
+    r = subprocess.run([sys.executable, "-m", "mlx_smolvlm.convert", "--help"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "python -m mlx_smolvlm.convert" in r.stdout
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts["mlx-smolvlm-convert"] == "mlx_smolvlm.convert.__main__:main"

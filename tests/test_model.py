@@ -1,7 +1,7 @@
 """Per-stage parity with transformers' SmolVLM / Idefics3 on tiny random checkpoints.
 
 The reference outputs come live from transformers when torch is importable (CI), else from
-the committed golden fixtures (tests/make_golden.py). Live runs also check that the fixtures
+the committed golden fixtures (scripts/make_golden.py). Live runs also check that the fixtures
 are current. Tolerances, relative to the reference's largest magnitude in each stage:
 float32 1e-4 (aim: unit-scale activations, max abs diff <= 1e-4), bfloat16 3e-2 (two
 independent bf16 pipelines, each rounding every layer's output to 8 bits of mantissa).
@@ -13,6 +13,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from goldens import assert_agrees, check_inputs
+from provenance import read_stamp
 
 from mlx_smolvlm.cache import make_prompt_cache
 from mlx_smolvlm.loading import load_model
@@ -30,18 +32,18 @@ def max_rel_diff(ours, ref) -> float:
     return float(np.abs(ours - ref).max() / max(1.0, np.abs(ref).max()))
 
 
-def reference(name: str, dtype: str) -> dict:
+def reference(name: str, dtype: str):
+    """(inputs, live outputs or None without torch, golden outputs, golden provenance)."""
     golden = np.load(FIXTURES / name / "golden.npz")
     inputs = {k[len("input.") :]: golden[k] for k in golden.files if k.startswith("input.")}
     stored = {k[len(dtype) + 1 :]: golden[k] for k in golden.files if k.startswith(dtype + ".")}
+    record = read_stamp(golden)
+    check_inputs(f"{name}/golden.npz", record, {"weights": FIXTURES / name / "model.safetensors", **inputs})
     if not HAS_TORCH:
-        return inputs, stored, "golden"
+        return inputs, None, stored, record
     from make_golden import load_reference, reference_outputs
 
-    live = reference_outputs(load_reference(FIXTURES / name, dtype), inputs)
-    for k, v in live.items():  # a stale fixture would make the no-torch run meaningless
-        assert max_rel_diff(stored[k], v) <= TOL[dtype], f"golden {name}/{dtype}/{k} is stale"
-    return inputs, live, "live"
+    return inputs, reference_outputs(load_reference(FIXTURES / name, dtype), inputs), stored, record
 
 
 def our_stages(model, inputs: dict) -> dict:
@@ -67,27 +69,31 @@ def our_stages(model, inputs: dict) -> dict:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", TINY)
 def test_stages_match_transformers(name, dtype):
-    inputs, ref, source = reference(name, dtype)
+    inputs, live, stored, record = reference(name, dtype)
     model = load_model(FIXTURES / name, dtype=getattr(mx, dtype))
     ours = our_stages(model, inputs)
     for stage in ("vision_hidden", "connector", "embeds", "logits"):
-        diff = max_rel_diff(ours[stage].astype(mx.float32), ref[stage])
-        print(f"{name} {dtype} {stage}: max diff {diff:.2e} (tol {TOL[dtype]:.0e}, {source})")
-        assert diff <= TOL[dtype], stage
+        got = np.array(ours[stage].astype(mx.float32))
+        ref = stored[stage] if live is None else live[stage]
+        print(f"{name} {dtype} {stage}: max diff {max_rel_diff(got, ref):.2e} (tol {TOL[dtype]:.0e}, "
+              f"{'golden' if live is None else 'live'})")
+        # a stale golden would make a run without torch meaningless: both are checked
+        assert_agrees(f"{name}/golden.npz {dtype}/{stage}", got, live=None if live is None else live[stage],
+                      golden=stored[stage], same=lambda a, b: max_rel_diff(a, b) <= TOL[dtype], record=record)
 
 
 @pytest.mark.parametrize("name", TINY)
 def test_greedy_tokens_match_reference(name):
-    inputs, ref, _ = reference(name, "float32")
+    inputs, live, stored, _ = reference(name, "float32")
     model = load_model(FIXTURES / name)
     logits = model(mx.array(inputs["input_ids"]), mx.array(inputs["pixel_values"]),
                    mx.array(inputs["pixel_attention_mask"]))
-    assert np.array_equal(np.array(logits.argmax(-1)), ref["logits"].argmax(-1))
+    assert np.array_equal(np.array(logits.argmax(-1)), (stored if live is None else live)["logits"].argmax(-1))
 
 
 @pytest.mark.parametrize("name", TINY)
 def test_cached_decode_equals_full_forward(name):
-    inputs, _, _ = reference(name, "float32")
+    inputs = reference(name, "float32")[0]
     model = load_model(FIXTURES / name)
     ids = mx.array(inputs["input_ids"])
     pv, pam = mx.array(inputs["pixel_values"]), mx.array(inputs["pixel_attention_mask"])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from goldens import check_inputs
 from PIL import Image
 
 from mlx_smolvlm.image_processing import ImageError
@@ -158,6 +159,20 @@ def run_reference(ref, messages, controls):
     return {k: np.asarray(v) for k, v in out.items()}
 
 
+def case_inputs(name, work) -> dict:
+    """What a case's golden depends on: its processor folder's files and the media it writes."""
+    from provenance import digest
+
+    setup, build, _ = CASES[name]
+    Path(work).mkdir(parents=True, exist_ok=True)
+    def pixels(image):  # PIL images in the messages: their mode, size and pixels
+        return f"{image.mode}{image.size}{digest(np.asarray(image))}"
+
+    messages = json.dumps(build(work), sort_keys=True, default=pixels).replace(str(work), "WORK")
+    files = sorted(p for p in Path(work).rglob("*") if p.is_file())
+    return {name: digest("".join(digest(p) for p in files) + messages)}
+
+
 def rle(ids):
     runs = []
     for i in ids:
@@ -213,7 +228,9 @@ def test_matches_reference(name, processors, tmp_path):
     out = ours(build(tmp_path), **controls)
     assert out["input_ids"].dtype == np.int64 and out["attention_mask"].dtype == np.int64
     if ref is None:
-        golden = json.loads(GOLDEN.read_text())[name]
+        stored = json.loads(GOLDEN.read_text())
+        check_inputs(f"processor/golden.json[{name}]", stored["provenance"], case_inputs(name, tmp_path))
+        golden = stored[name]
         got = summarize(out)
         if "tile_means" in golden:
             diff = np.abs(np.array(got["tile_means"]) - np.array(golden["tile_means"])).max()
@@ -331,6 +348,61 @@ def test_raw_prompt_and_text_only_model(processor_folder):
         text("<image>", images=[rgb(4, 4)])
 
 
+STRING_CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is a tile?"},
+    {"role": "assistant", "content": " A square crop."},
+    {"role": "user", "content": [{"type": "text", "text": "And a patch?"}]},
+]
+
+
+def as_parts(messages):
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
+            for m in messages]
+
+
+@pytest.mark.parametrize("setup", ["smolvlm-256m", "smolvlm2-256m", "idefics3-2.2b"])
+def test_string_content(setup, processor_folder):
+    """Plain-string content renders its text with every SmolVLM template, in the processor and in
+    a text-only (no image processor) load alike."""
+    from mlx_smolvlm.processing import text_processor
+    from mlx_smolvlm.tokenizer import load_tokenizer
+    from mlx_smolvlm.video import CHAT_TEMPLATE
+
+    folder = processor_folder(**SETUPS[setup])
+    proc = load_processor(folder)
+    rendered = proc.apply_chat_template(STRING_CONVERSATION)
+    assert "System: Answer briefly.<end_of_utterance>\nUser: What is a tile?<end_of_utterance>\n" in rendered
+    assert rendered == proc.apply_chat_template(as_parts(STRING_CONVERSATION))
+    text_only = text_processor(load_tokenizer(folder))
+    assert text_only.apply_chat_template(STRING_CONVERSATION) == rendered
+    np.testing.assert_array_equal(proc(STRING_CONVERSATION)["input_ids"], text_only(STRING_CONVERSATION)["input_ids"])
+    # The text is what transformers' current SmolVLM2 template (our CHAT_TEMPLATE, checked equal to
+    # it in test_video) renders for string content, in every template family.
+    assert rendered == proc.tokenizer.apply_chat_template(STRING_CONVERSATION, add_generation_prompt=True,
+                                                          chat_template=CHAT_TEMPLATE)
+    if not has_transformers():
+        return
+    from transformers import AutoTokenizer
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+
+    ref = AutoTokenizer.from_pretrained(folder)
+    # With a video the reference switches to DEFAULT_CHAT_TEMPLATE, which has a string branch:
+    # ours renders exactly the same text.
+    video = {"role": "user", "content": [{"type": "video", "path": "clip.mp4"}, {"type": "text", "text": "Hm?"}]}
+    with_video = STRING_CONVERSATION + [{"role": "assistant", "content": "Ok."}, video]
+    expected = ref.apply_chat_template(with_video, chat_template=DEFAULT_CHAT_TEMPLATE,
+                                       add_generation_prompt=True, tokenize=False)
+    if setup != "idefics3-2.2b":  # idefics3 models take no video (the processor refuses it)
+        assert proc.apply_chat_template(with_video) == expected
+    # The hub's legacy templates have no string branch: the reference renders the string turns
+    # as empty ("System: <end_of_utterance>"); we render their text, as the new template does.
+    legacy = ref.apply_chat_template(STRING_CONVERSATION, add_generation_prompt=True, tokenize=False)
+    assert "System: <end_of_utterance>" in legacy and legacy != rendered
+    assert ref.apply_chat_template(STRING_CONVERSATION, chat_template=DEFAULT_CHAT_TEMPLATE,
+                                   add_generation_prompt=True, tokenize=False) == rendered
+
+
 def test_preflight_and_controls(processor_folder):
     proc = load_processor(processor_folder(**SETUPS["smolvlm-256m"]))
     images = [rgb(386, 386), rgb(1920, 1080), rgb(2048, 2048)]
@@ -432,29 +504,3 @@ def test_missing_processor_folder(tmp_path):
         load_processor(tmp_path / "absent")
     with pytest.raises(ValueError, match="no tokenizer.json"):
         load_processor(tmp_path)
-
-
-def write_golden():
-    """Run transformers' processors on every case and store the summaries (needs transformers)."""
-    import tempfile
-
-    from make_tokenizer import write_processor_folder
-
-    golden = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        refs = {}
-        for name, (setup, build, controls) in CASES.items():
-            if setup not in refs:
-                folder = write_processor_folder(Path(tmp) / setup, **SETUPS[setup])
-                refs[setup] = reference_processor(folder, SETUPS[setup]["layout"])
-            work = Path(tmp) / "cases" / name
-            work.mkdir(parents=True)
-            golden[name] = summarize(run_reference(refs[setup], build(work), controls))
-    GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-    GOLDEN.write_text(json.dumps(golden, separators=(",", ":")))
-    print(f"wrote {GOLDEN} ({GOLDEN.stat().st_size} bytes)")
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    write_golden()

@@ -1,6 +1,6 @@
 """Write the tiny checkpoints and transformers' per-stage outputs that tests/test_model.py checks.
 
-    python tests/make_golden.py        # needs torch + transformers; rewrites tests/fixtures/tiny-*
+    python scripts/make_golden.py        # needs torch + transformers; rewrites tests/fixtures/tiny-*
 
 The inputs are one batch of two samples: the first with three full tiles, the second with
 one full tile, one tile whose right half is padding (pixel_attention_mask False) and one
@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-FIXTURES = HERE / "fixtures"
-sys.path.insert(0, str(HERE.parent / "scripts"))
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
 
 TINY = ("tiny-idefics3", "tiny-smolvlm")
 
@@ -69,22 +68,25 @@ def load_reference(path: Path, dtype: str = "float32"):
     return model.eval()
 
 
-def main():
-    import torch
+def main(rebuild_weights: bool = False):
+    """Rewrite each tiny checkpoint's golden.npz from its committed weights (the weights too with
+    --rebuild-weights: torch's RNG may differ between releases, which changes every golden)."""
     from make_checkpoint import PRESETS, build_model
+    from provenance import stamp, stamp_array
 
     for name in TINY:
         out = FIXTURES / name
-        build_model(PRESETS[name], seed=0).save_pretrained(out)
+        if rebuild_weights or not (out / "model.safetensors").exists():
+            build_model(PRESETS[name], seed=0).save_pretrained(out)
         inputs = make_inputs(PRESETS[name])
         golden = {f"input.{k}": v for k, v in inputs.items()}
         for dtype in ("float32", "bfloat16"):
             ref = reference_outputs(load_reference(out, dtype), inputs)
             golden.update({f"{dtype}.{k}": v for k, v in ref.items()})
-        np.savez_compressed(out / "golden.npz", **golden)
+        record = stamp("scripts/make_golden.py", {"weights": out / "model.safetensors", **inputs})
+        np.savez_compressed(out / "golden.npz", provenance=stamp_array(record), **golden)
         print(f"wrote {out}", file=sys.stderr)
-    del torch
 
 
 if __name__ == "__main__":
-    main()
+    main(rebuild_weights="--rebuild-weights" in sys.argv[1:])

@@ -1,6 +1,6 @@
 """transformers' greedy generations that tests/test_generate.py and tests/test_gguf.py match.
 
-    python tests/make_generate_golden.py   # needs torch + transformers + gguf; rewrites
+    python scripts/make_generate_golden.py   # needs torch + transformers + gguf; rewrites
                                            # tests/fixtures/generate_golden.json
 
 Tiny checkpoints: the committed tiny-* weights plus a processor folder written by
@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-FIXTURES = HERE / "fixtures"
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
 GOLDEN = FIXTURES / "generate_golden.json"
-sys.path[:0] = [str(HERE.parent / "scripts")]
 
 TINY = ("tiny-idefics3", "tiny-smolvlm")
 TINY_MAX_TOKENS = 24
@@ -223,6 +222,8 @@ def hf_gguf_generations(model, tokenizer) -> dict:
 def main():
     import tempfile
 
+    from provenance import stamp
+
     from mlx_smolvlm.generation import load
     from mlx_smolvlm.tokenizer import Tokenizer
 
@@ -236,6 +237,12 @@ def main():
             golden["tiny"][name] = hf_tiny_generations(folder, images, eos)
     tokenizer = Tokenizer.from_gguf(gguf_path())
     golden["gguf"] = hf_gguf_generations(gguf_reference_model(), tokenizer)
+    inputs = {f"{name}/weights": FIXTURES / name / "model.safetensors" for name in TINY}
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs.update({f"image/{k}": Path(v) for k, v in write_images(Path(tmp)).items()})
+        inputs["gguf"] = gguf_path()
+        inputs["gguf/prompts"] = json.dumps([GGUF_SYSTEM, *GGUF_PROMPTS])
+        golden["provenance"] = stamp("scripts/make_generate_golden.py", inputs)
     GOLDEN.write_text(json.dumps(golden))
     print(f"wrote {GOLDEN}", file=sys.stderr)
 

@@ -1,5 +1,12 @@
-"""Synthetic test videos whose frames show their own index (tests and golden script share it)."""
+"""Synthetic test videos whose frames show their own index.
 
+x264's output differs between machines and PyAV/FFmpeg builds, so the tests do not encode their
+golden inputs: `python scripts/video_synth.py` writes them once to tests/fixtures/video/media/
+(committed), and the goldens (scripts/make_video_golden.py) are made from those exact bytes.
+make_video also serves the tests' bad-input cases, whose bytes do not matter.
+"""
+
+import sys
 from pathlib import Path
 
 import av
@@ -52,6 +59,21 @@ def make_video(path, seconds, fps, width, height, codec="libx264", pix_fmt="yuv4
     return path
 
 
+MEDIA = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "video" / "media"
+
+
 def make_all(folder) -> dict[str, Path]:
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     return {name: make_video(folder / f"{name}.mp4", *spec) for name, spec in VIDEOS.items()}
+
+
+def shipped() -> dict[str, Path]:
+    """The committed test videos, by name."""
+    return {name: MEDIA / f"{name}.mp4" for name in VIDEOS}
+
+
+if __name__ == "__main__":
+    # Rewrites the committed inputs: regenerate the video goldens afterwards.
+    made = make_all(sys.argv[1] if len(sys.argv) > 1 else MEDIA)
+    print({name: path.stat().st_size for name, path in made.items()})

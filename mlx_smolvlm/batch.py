@@ -1,0 +1,292 @@
+"""Continuous batching: sequences join a running decode batch and leave it when done.
+
+Each new sequence is prefilled alone (its own images, its own chunks, exactly as
+`generate_step` does), then its KV rows join the batch (batch_cache.py) and it decodes
+together with the others, one token per step. `BatchEngine` is the core that the server
+runs on a thread and that `batch_generate` runs to completion.
+"""
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from .batch_cache import BatchKVCache
+from .detokenizer import StreamingDetokenizer
+from .generation import _held_back, check_length
+from .prompt_cache import tile_digests
+from .reuse_cache import FeatureCache, PrefixCache
+from .sample_utils import apply_top_p
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: off; k: the chosen token's and the k most likely
+    skip_special_tokens: bool = True
+
+
+@dataclass
+class Event:
+    """One step of one sequence: new text and token, or the end (finish_reason / error)."""
+
+    text: str
+    token: int | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    finish_reason: str | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    error: str | None = None
+
+
+def make_row_sampler(temp: float, top_p: float, seed: int | None) -> Callable:
+    """(1, V) logprobs -> (1,) token; its own random key, so a seeded request repeats."""
+    if temp == 0:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+    key = mx.random.key(seed if seed is not None else int(np.random.randint(2**31)))
+
+    def sample(logprobs):
+        nonlocal key
+        key, k = mx.random.split(key)
+        return mx.random.categorical(apply_top_p(logprobs / temp, top_p), key=k)
+
+    return sample
+
+
+class TextStream:
+    """Tokens -> text with the end conditions: eos, stop strings (held back until they
+    cannot be one), max_tokens."""
+
+    def __init__(self, tokenizer, params: SamplingParams):
+        self.detok = StreamingDetokenizer(tokenizer, params.skip_special_tokens)
+        self.eos = tokenizer.eos_token_ids
+        self.stop = [s for s in params.stop if s]
+        self.max_tokens = params.max_tokens
+        self.n, self.held = 0, ""
+
+    def add(self, token: int) -> tuple[str, str | None]:
+        self.n += 1
+        finish = None
+        if token in self.eos:
+            finish = "stop"
+        else:
+            self.detok.add_token(token)
+            if self.n == self.max_tokens:
+                finish = "length"
+        if finish:
+            self.detok.finalize()
+        held = self.held + self.detok.last_segment
+        cut = min((held.find(s) for s in self.stop if s in held), default=-1)
+        if cut >= 0:
+            return held[:cut], "stop"
+        k = len(held) if finish or not self.stop else len(held) - _held_back(held, self.stop)
+        self.held = held[k:]
+        return held[:k], finish
+
+
+class Sequence:
+    def __init__(self, inputs: dict, params: SamplingParams, on_event: Callable, tokenizer):
+        self.inputs = inputs
+        self.ids = np.asarray(inputs["input_ids"])[0].tolist()
+        self.params = params
+        self.on_event = on_event
+        self.sampler = None  # made on the engine thread, which owns every MLX array
+        self.text = TextStream(tokenizer, params)
+        self.cached = 0
+        self.last = None  # the token to feed next
+        self.done = self.cancelled = False
+
+    def push(self, token: int, logprob: float | None = None, top=None):
+        text, finish = self.text.add(token)
+        self.last, self.done = token, finish is not None
+        self.on_event(Event(text, token, len(self.ids), self.text.n, self.cached, finish, logprob, top))
+
+    def fail(self, message: str):
+        self.done = True
+        self.on_event(Event("", None, len(self.ids), self.text.n, self.cached, "error", error=message))
+
+
+def prefill(model, ids: mx.array, embeds: mx.array | None, cache: list, step: int) -> mx.array:
+    """Run the uncached prompt `ids` (or its `embeds`) through `cache`, in chunks as
+    generate_step does (all but the last token, then the last alone); (1, V) logits."""
+
+    def chunk(i, j):
+        return {"input_embeddings": embeds[:, i:j]} if embeds is not None else {"input_ids": ids[None, i:j]}
+
+    done, n = 0, ids.size
+    while n - done > 1:
+        j = done + min(step, n - done - 1)
+        model(**chunk(done, j), cache=cache)
+        mx.eval([c.state for c in cache])
+        done = j
+    return model(**chunk(done, n), cache=cache)[:, -1, :]
+
+
+def _logprob_info(logprobs: mx.array, token: mx.array, k: int):
+    top = mx.argsort(-logprobs)[:k] if k else mx.zeros((0,), mx.uint32)
+    return logprobs[token], top, logprobs[top]
+
+
+class BatchEngine:
+    """Admits sequences (any thread: `add`, `cancel`) and advances them all (`step`, on one thread)."""
+
+    def __init__(self, model, processor, max_batch: int = 16, prefill_step_size: int = 512,
+                 feature_cache_tiles: int = 64, prefix_cache_entries: int = 8):
+        self.model, self.processor = model, processor
+        self.max_batch, self.prefill_step_size = max_batch, prefill_step_size
+        self.features = FeatureCache(feature_cache_tiles)
+        self.prefixes = PrefixCache(model, prefix_cache_entries)
+        self.active: list[Sequence] = []
+        self.cache: list[BatchKVCache] | None = None
+        self._pending: deque[Sequence] = deque()
+        self._lock = threading.Lock()
+
+    def add(self, inputs: dict, params: SamplingParams, on_event: Callable) -> Sequence:
+        """Queue a prompt (processor output); raises ValueError if it cannot fit."""
+        seq = Sequence(inputs, params, on_event, self.processor.tokenizer)
+        check_length(self.model, len(seq.ids), params.max_tokens)
+        with self._lock:
+            self._pending.append(seq)
+        return seq
+
+    @staticmethod
+    def cancel(seq: Sequence):
+        seq.cancelled = True  # leaves the batch at the start of the next step
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active or self._pending)
+
+    def stats(self) -> dict:
+        return {"active": len(self.active), "waiting": self.waiting,
+                "image_features": self.features.stats(), "prefixes": self.prefixes.stats()}
+
+    def step(self):
+        """Admit waiting sequences (each prefilled alone), then decode one token for all."""
+        self._admit()
+        self._drop_done()
+        if self.active:
+            try:
+                self._decode()
+            except Exception as e:  # a fault of the batch itself: end every sequence in it
+                for s in self.active:
+                    s.fail(f"generation failed: {e}")
+            self._drop_done()
+
+    def _admit(self):
+        while len(self.active) < self.max_batch:
+            with self._lock:
+                seq = self._pending.popleft() if self._pending else None
+            if seq is None:
+                return
+            if seq.cancelled:
+                continue
+            try:
+                layers = self._prefill(seq)
+            except Exception as e:
+                seq.fail(str(e))
+                continue
+            if seq.done:
+                continue
+            rows = [BatchKVCache.from_rows([c.state]) for c in layers]
+            if self.cache is None:
+                self.cache = rows
+            else:
+                for c, r in zip(self.cache, rows):
+                    c.extend(r)
+            self.active.append(seq)
+
+    def _prefill(self, seq: Sequence) -> list:
+        model, inputs, ids, p = self.model, seq.inputs, seq.ids, seq.params
+        seq.sampler = make_row_sampler(p.temperature, p.top_p, p.seed)
+        tiles = tile_digests(inputs)
+        pv = inputs.get("pixel_values")
+        per_tile = model.tokens_per_image(*pv.shape[-2:]) if pv is not None else 1
+        cache = self.prefixes.lookup(ids, tiles, per_tile)
+        start = seq.cached = cache.offset
+        k = cache.tiles_in(ids[:start])
+        arr = mx.array(ids)
+        embeds = None
+        if len(tiles) > k:
+            pam = inputs.get("pixel_attention_mask")
+            pam = np.ones((1, *pv.shape[1:2], *pv.shape[3:]), bool) if pam is None else pam
+            feats = self.features.features(model, pv[0, k:], pam[0, k:], tiles[k:])
+            embeds = model.merge_image_features(arr[None, start:], feats)
+        logits = prefill(model, arr[start:], embeds, cache.layers, self.prefill_step_size)
+        cache.tokens, cache.tiles = ids, tiles
+        self.prefixes.store(cache)
+        self._emit([seq], logits)
+        return cache.layers
+
+    def _decode(self):
+        y = mx.array([[s.last] for s in self.active])
+        self._emit(self.active, self.model(input_ids=y, cache=self.cache)[:, -1, :])
+
+    def _emit(self, seqs: list[Sequence], logits: mx.array):
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if all(s.params.temperature == 0 for s in seqs):
+            tokens = mx.argmax(logprobs, axis=-1)
+        else:
+            tokens = mx.concatenate([s.sampler(logprobs[i : i + 1]) for i, s in enumerate(seqs)])
+        info = {i: _logprob_info(logprobs[i], tokens[i], s.params.logprobs)
+                for i, s in enumerate(seqs) if s.params.logprobs is not None}
+        mx.eval(tokens, info)
+        for i, (s, t) in enumerate(zip(seqs, tokens.tolist())):
+            if i in info:
+                lp, top, vals = info[i]
+                s.push(t, lp.item(), list(zip(top.tolist(), vals.tolist())))
+            else:
+                s.push(t)
+
+    def _drop_done(self):
+        keep = [i for i, s in enumerate(self.active) if not (s.done or s.cancelled)]
+        if len(keep) == len(self.active):
+            return
+        self.active = [self.active[i] for i in keep]
+        if keep:
+            for c in self.cache:
+                c.filter(keep)
+        else:
+            self.cache = None
+            mx.clear_cache()
+
+
+def batch_generate(model, processor, prompts: list, images: list | None = None, *,
+                   max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                   stop: list[str] | None = None, max_batch: int = 16, **controls) -> list[str]:
+    """Generate for many prompts at once (chat messages or strings, with `images[i]` for a
+    string prompt); returns the texts in prompt order. Sequences decode together in one
+    batch of up to `max_batch`, and a finished one makes room for the next."""
+    engine = BatchEngine(model, processor, max_batch=max_batch)
+    params = SamplingParams(max_tokens, temperature, top_p, stop=list(stop or []))
+    texts, errors = [""] * len(prompts), {}
+
+    def collect(i):
+        def on_event(e: Event):
+            texts[i] += e.text
+            if e.error:
+                errors[i] = e.error
+
+        return on_event
+
+    for i, p in enumerate(prompts):
+        inputs = processor(p, images=images[i] if images else None, **controls)
+        engine.add(inputs, params, collect(i))
+    while engine.busy:
+        engine.step()
+    if errors:
+        raise RuntimeError("; ".join(f"prompt {i}: {m}" for i, m in sorted(errors.items())))
+    return texts

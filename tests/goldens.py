@@ -1,0 +1,57 @@
+"""Golden fixtures that cannot go stale silently.
+
+A test compares our output with the live reference (transformers, when installed) and with the
+committed golden. When they disagree, `assert_agrees` says which of the three moved: ours, the
+reference (a new transformers / torch / av than the golden was made with), or the golden's inputs.
+"""
+
+from provenance import digest, versions
+
+
+def describe(record: dict | None) -> str:
+    if not record:
+        return "no provenance recorded"
+    v = record.get("versions", {})
+    made = ", ".join(f"{k} {v[k]}" for k in ("transformers", "torch", "torchvision", "av") if k in v)
+    return f"made by {record.get('made_by', '?')} with {made}"
+
+
+def now() -> str:
+    v = versions()
+    return ", ".join(f"{k} {v[k]}" for k in ("transformers", "torch", "torchvision", "av") if k in v)
+
+
+def check_inputs(name: str, record: dict | None, inputs: dict):
+    """The golden was made from exactly these inputs (digests), else say so and how to remake it."""
+    assert record is not None, f"golden {name} has no provenance: regenerate it"
+    stored = record["inputs"]
+    moved = [k for k, v in inputs.items() if stored.get(k) != digest(v)]
+    assert not moved, (f"golden {name} was made from other inputs than the test has ({', '.join(moved)} "
+                       f"differ; {describe(record)}): regenerate with {record['made_by']}")
+
+
+def assert_agrees(name, ours, *, live=None, golden=None, same, record=None, detail=""):
+    """`same(a, b) -> bool`. Ours must match every reference present; otherwise name who moved."""
+    assert live is not None or golden is not None, f"{name}: neither a live reference nor a golden"
+    ok_live = live is None or same(ours, live)
+    ok_golden = golden is None or same(ours, golden)
+    if ok_live and ok_golden:
+        return
+    made, current = describe(record), now()
+    if live is not None and golden is not None:
+        if ok_live:
+            why = (f"the golden is stale: ours and the live reference ({current}) agree, the golden "
+                   f"({made}) differs: the reference or its inputs moved since it was made; "
+                   f"regenerate it with {record.get('made_by') if record else 'its writer'}")
+        elif ok_golden:
+            why = (f"the live reference moved: ours matches the golden ({made}) but not the live "
+                   f"reference ({current}); scripts/drift_check.py shows what changed upstream")
+        elif same(live, golden):
+            why = "ours moved: the live reference and the golden agree, ours differs from both"
+        else:
+            why = f"ours, the live reference ({current}) and the golden ({made}) all differ"
+    elif live is not None:
+        why = f"ours differs from the live reference ({current})"
+    else:
+        why = f"ours differs from the golden ({made}); no live reference here to tell which moved"
+    raise AssertionError(f"{name}: {why}{detail}")

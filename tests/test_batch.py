@@ -1,0 +1,123 @@
+"""Continuous batching on the tiny checkpoint: the left-padded batch cache decodes each row
+exactly as alone, sequences joining a running batch and leaving it early keep their solo
+greedy tokens, the cross-request caches hit, and a cancelled sequence frees its rows."""
+
+import mlx.core as mx
+import pytest
+
+from mlx_smolvlm.batch import BatchEngine, SamplingParams, batch_generate
+from mlx_smolvlm.batch_cache import BatchKVCache
+from mlx_smolvlm.cache import make_prompt_cache
+from mlx_smolvlm.generation import load, stream_generate
+
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_idefics3, sample_images):
+    model, processor = load(tiny_idefics3)
+    return model, processor, sample_images
+
+
+def user(text, images=()):
+    parts = [{"type": "image", "path": p} for p in images]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
+def prompts(images):
+    system = {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]}
+    return [
+        user("Describe this.", [images["wide.png"]]),
+        user("Hello, how are you today?"),
+        [system] + user("Compare them.", [images["square.png"], images["wide.png"]]),
+        [system] + user("Tell me a story."),
+        user("What is in it?", [images["wide.png"]]),  # the same image again: cache hits
+    ]
+
+
+def solo_tokens(model, processor, prompt, max_tokens=MAX_TOKENS):
+    return [r.token for r in stream_generate(model, processor, prompt, max_tokens=max_tokens)]
+
+
+def test_batch_cache_rows_decode_as_alone(tiny):
+    model = tiny[0]
+    rng = [mx.random.randint(0, 512, (n,), key=mx.random.key(n)) for n in (5, 11, 3)]
+    solo, rows = [], []
+    for ids in rng:  # each prefilled alone, then one decode step alone
+        cache = make_prompt_cache(model)
+        model(input_ids=ids[None, :-1], cache=cache)
+        rows.append([c.state for c in cache])
+        solo.append(model(input_ids=ids[None, -1:], cache=cache)[0, -1])
+    batch = [BatchKVCache.from_rows([r[i] for r in rows[:2]]) for i in range(len(model.layers))]
+    for i, c in enumerate(batch):
+        c.extend(BatchKVCache.from_rows([rows[2][i]]))  # a shorter row joins: padded on the left
+    last = mx.array([[int(ids[-1])] for ids in rng])
+    out = model(input_ids=last, cache=batch)[:, -1]
+    for i in range(3):
+        assert mx.allclose(out[i], solo[i], atol=1e-5).item()
+    for c in batch:
+        c.filter([1])  # the longest row stays; the padding column none needs goes
+    assert batch[0].left == [0] and batch[0].idx == 11
+
+
+def test_joining_and_leaving_keep_solo_tokens(tiny):
+    model, processor, images = tiny
+    ps = prompts(images)
+    solo = [solo_tokens(model, processor, p, MAX_TOKENS - 4 * (i % 2)) for i, p in enumerate(ps)]
+    engine = BatchEngine(model, processor, max_batch=3)
+    out = [[] for _ in ps]
+
+    def add(i):
+        params = SamplingParams(MAX_TOKENS - 4 * (i % 2))  # odd ones finish early and leave
+        engine.add(processor(ps[i]), params, lambda e: out[i].append(e.token))
+
+    add(0)
+    add(1)
+    for _ in range(3):  # 0 and 1 are decoding when the others arrive
+        engine.step()
+    assert len(engine.active) == 2 and len(out[0]) == 4
+    for i in range(2, len(ps)):
+        add(i)
+    sizes = []
+    while engine.busy:
+        engine.step()
+        sizes.append(len(engine.active))
+    assert max(sizes) == 3 and engine.cache is None
+    assert out == solo
+    stats = engine.stats()
+    assert stats["image_features"]["hits"] + stats["prefixes"]["hits"] > 0
+
+
+def test_batch_generate_matches_generate(tiny):
+    model, processor, images = tiny
+    ps = prompts(images)[:3]
+    texts = batch_generate(model, processor, ps, max_tokens=MAX_TOKENS, max_batch=2)
+    solo = [processor.tokenizer.decode(t, skip_special_tokens=True)
+            for t in (solo_tokens(model, processor, p) for p in ps)]
+    assert texts == solo
+
+
+def test_cancel_frees_rows_within_one_step(tiny):
+    model, processor, images = tiny
+    engine = BatchEngine(model, processor)
+    seqs = [engine.add(processor(p), SamplingParams(200), lambda e: None) for p in prompts(images)[:2]]
+    engine.step()
+    engine.step()
+    engine.cancel(seqs[0])
+    engine.step()
+    assert engine.active == [seqs[1]] and engine.cache[0].keys.shape[0] == 1
+    engine.cancel(seqs[1])
+    engine.step()
+    assert not engine.busy and engine.cache is None
+
+
+def test_seeded_sampling_repeats(tiny):
+    model, processor, images = tiny
+    engine = BatchEngine(model, processor)
+    out = [[], []]
+    p = SamplingParams(MAX_TOKENS, temperature=1.0, top_p=0.9, seed=7)
+    for i in range(2):
+        engine.add(processor(user("Hi")), p, lambda e, i=i: out[i].append(e.token))
+    while engine.busy:
+        engine.step()
+    assert out[0] == out[1]

@@ -1,0 +1,298 @@
+"""The server process on 127.0.0.1 with the tiny checkpoint, driven by the real `openai`
+client: answers equal to solo greedy generation (streamed or not), usage and cached
+tokens, logprobs, stop strings, special tokens kept on request, every limit answered with a
+400 naming its field, the API key, a client leaving mid-stream, and a bounded load test."""
+
+import base64
+import io
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from mlx_smolvlm.generation import generate, load
+from mlx_smolvlm.image_processing import decode_image
+
+KEY = "test-key"
+MAX_TOKENS = 12
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_idefics3, tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
+    cmd = [sys.executable, "-m", "mlx_smolvlm.server", "--model", str(tiny_idefics3), "--port", str(port),
+           "--api-key", KEY, "--max-images", "3", "--max-image-pixels", "20000",
+           "--max-tokens-limit", "500", "--max-request-bytes", "200000", "--remote-timeout", "2"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, open(log.name).read()
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.seek(0)
+        print(log.read()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def solo(tiny_idefics3):
+    """Greedy text of a request run alone through the Python API."""
+    model, processor = load(tiny_idefics3)
+    memo = {}
+
+    def run(messages, max_tokens=MAX_TOKENS):
+        key = json.dumps([messages, max_tokens])
+        if key not in memo:
+            memo[key] = generate(model, processor, to_processor(messages), max_tokens=max_tokens)
+        return memo[key]
+
+    return run
+
+
+def data_url(path) -> str:
+    return "data:image/png;base64," + base64.b64encode(open(path, "rb").read()).decode()
+
+
+def to_processor(messages):
+    """The OpenAI messages in the processor's format, as the server converts them."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        parts = []
+        for p in content:
+            if p["type"] == "image_url":
+                raw = base64.b64decode(p["image_url"]["url"].split(",", 1)[1])
+                parts.append({"type": "image", "image": decode_image(raw)})
+            else:
+                parts.append(p)
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+def ask(text, *image_urls, system=None):
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in image_urls]
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
+def good_requests(sample_images):
+    wide, square = data_url(sample_images["wide.png"]), data_url(sample_images["square.png"])
+    return [
+        ask("Describe this.", wide),
+        ask("Hello there, how are you?"),
+        ask("Compare.", square, wide, system="Be brief."),
+        ask("Tell me a story.", system="Be brief."),
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": square}},
+                                      {"type": "text", "text": "And this?"}]}],
+    ]
+
+
+def bad_requests(sample_images):
+    """(request kwargs, status, param) that the server must refuse."""
+    wide = data_url(sample_images["wide.png"])
+    big = io.BytesIO()
+    Image.new("RGB", (200, 200)).save(big, "PNG")
+    big_url = "data:image/png;base64," + base64.b64encode(big.getvalue()).decode()
+    corrupt = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nnot really").decode()
+    return [
+        (dict(messages=ask("x"), max_tokens=10_000), 400, "max_tokens"),
+        (dict(messages=ask("x"), max_completion_tokens=0), 400, "max_completion_tokens"),
+        (dict(messages=ask("x", wide, wide, wide, wide)), 400, "messages"),
+        (dict(messages=ask("x", big_url)), 400, "messages[0].content[0]"),
+        (dict(messages=ask("x", corrupt)), 400, "messages[0].content[0]"),
+        (dict(messages=ask("x", "/etc/hostname")), 400, "messages[0].content[0]"),
+        (dict(messages=ask("x", "http://127.0.0.1:9/nothing.png")), 400, "messages[0].content[0]"),
+        (dict(messages=ask("x"), temperature=-1), 400, "temperature"),
+        (dict(messages=ask("x" * 300_000)), 400, "messages"),
+        (dict(messages=[{"role": "robot", "content": "x"}]), 400, "messages[0].role"),
+    ]
+
+
+def test_answers_equal_solo_generation(client, solo, sample_images):
+    for messages in good_requests(sample_images):
+        r = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS)
+        assert r.choices[0].message.content == solo(messages)
+        assert r.usage.completion_tokens <= MAX_TOKENS
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_stream_with_usage_and_cached_tokens(client, solo, sample_images):
+    messages = good_requests(sample_images)[0]
+    for attempt in range(2):
+        chunks = list(client.chat.completions.create(
+            model="m", messages=messages, max_tokens=MAX_TOKENS, stream=True,
+            stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == solo(messages)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+        usage = chunks[-1].usage
+        assert not chunks[-1].choices and usage.completion_tokens > 0
+    # the second time the prompt (all but its last token) comes from the prefix cache
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+
+
+def test_logprobs_stop_and_special_tokens(client, solo, sample_images):
+    messages = good_requests(sample_images)[1]
+    r = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for c in content:
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob >= c.logprob - 1e-6
+    text = solo(messages)
+    stop = text[3:5]
+    r = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS, stop=[stop])
+    assert r.choices[0].message.content == text[: text.find(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    kept = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS,
+                                          extra_body={"skip_special_tokens": False})
+    assert "<|reserved_special_token_" in kept.choices[0].message.content
+
+
+def test_seeded_sampling_repeats(client, sample_images):
+    kw = dict(model="m", messages=good_requests(sample_images)[1], max_tokens=MAX_TOKENS, temperature=1.0,
+              top_p=0.95, seed=3)
+    a, b = (client.chat.completions.create(**kw).choices[0].message.content for _ in range(2))
+    assert a == b
+
+
+def test_limits_auth_and_media(client, server, sample_images, tmp_path):
+    for kwargs, status, param in bad_requests(sample_images):
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model="m", **kwargs)
+        assert e.value.status_code == status, kwargs
+        assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"
+    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert [m.id for m in client.models.list().data] == [client.models.list().data[0].id]
+
+    # an http(s) image URL, from a loopback file server
+    (tmp_path / "i.png").write_bytes(open(sample_images["square.png"], "rb").read())
+    handler = lambda *a: SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    files = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{files.server_address[1]}/i.png"
+        r = client.chat.completions.create(model="m", messages=ask("What?", url), max_tokens=4)
+        assert r.usage.prompt_tokens > 20  # the image's tokens are in
+    finally:
+        files.shutdown()
+
+
+def health(server):
+    return httpx.get(f"{server}/health").json()
+
+
+def wait_idle(server, timeout=30):
+    for _ in range(int(timeout / 0.05)):
+        h = health(server)
+        if h["active"] == 0 and h["waiting"] == 0:
+            return h
+        time.sleep(0.05)
+    raise AssertionError(f"still busy: {h}")
+
+
+def test_disconnect_cancels_sequence(server, sample_images):
+    body = {"model": "m", "messages": good_requests(sample_images)[1], "max_tokens": 500, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=headers) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert health(server)["active"] == 1
+    t = time.perf_counter()
+    wait_idle(server, timeout=5)
+    print(f"left the batch {time.perf_counter() - t:.3f} s after the disconnect")
+
+
+def test_load_16_clients_with_bad_requests(client, server, solo, sample_images):
+    good, bad = good_requests(sample_images), bad_requests(sample_images)
+    want = [solo(m) for m in good]  # here: MLX in the test process stays on this thread
+    for m in good:  # warm up: compile, fill the caches, then take the memory baseline
+        client.chat.completions.create(model="m", messages=m, max_tokens=MAX_TOKENS)
+    base = wait_idle(server)["memory"]["active_bytes"]
+    results, lock = [], threading.Lock()
+
+    def worker(c):
+        for k in range(4):
+            n = c * 4 + k
+            if n % 5 == 4:
+                kwargs, status, param = bad[n % len(bad)]
+                try:
+                    client.chat.completions.create(model="m", **kwargs)
+                    got = ("ok", None)
+                except openai.APIStatusError as e:
+                    got = (e.status_code, e.body.get("param"))
+                with lock:
+                    results.append((n, "bad", got, (status, param)))
+            else:
+                m, expected = good[n % len(good)], want[n % len(good)]
+                stream = n % 2 == 0
+                r = client.chat.completions.create(model="m", messages=m, max_tokens=MAX_TOKENS,
+                                                   stream=stream)
+                text = "".join(c.choices[0].delta.content or "" for c in r) if stream \
+                    else r.choices[0].message.content
+                with lock:
+                    results.append((n, "good", text, expected))
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(16)]
+    peak = 0
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        peak = max(peak, health(server)["active"])
+        time.sleep(0.02)
+    assert sorted(n for n, *_ in results) == list(range(64))  # none lost, none twice
+    for n, kind, got, want in results:
+        assert got == want, (n, kind)
+    after = wait_idle(server)
+    print(f"peak batch {peak}; memory {base} -> {after['memory']['active_bytes']}; {after}")
+    assert peak > 1
+    assert after["memory"]["active_bytes"] <= base * 1.05 + 2**20
+
+
+def test_video_part(client, solo, tiny_idefics3, tmp_path):
+    from video_synth import make_video
+
+    path = tmp_path / "clip.mp4"
+    make_video(path, 2, 4, 48, 32)
+    url = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                             {"type": "text", "text": "What happens?"}]}]
+    r = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS)
+    model, processor = load(tiny_idefics3)
+    local = [{"role": "user", "content": [{"type": "video", "path": str(path)},
+                                          {"type": "text", "text": "What happens?"}]}]
+    assert r.choices[0].message.content == generate(model, processor, local, max_tokens=MAX_TOKENS)
