@@ -29,7 +29,7 @@ CANDIDATES = [
 ]
 
 # What preload() did: the library in use (None: MLX's own) and why.
-state = {"library": None, "reason": "not on Linux", "threads": None}
+state = {"library": None, "reason": "not on Linux", "threads": None, "core": None}
 
 
 def _threads() -> int:
@@ -63,6 +63,9 @@ def preload():
     if hasattr(lib, "openblas_set_num_threads"):
         state["threads"] = _threads()
         lib.openblas_set_num_threads(state["threads"])
+    if hasattr(lib, "openblas_get_corename"):  # the kernels its runtime dispatch picked for this CPU
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        state["core"] = lib.openblas_get_corename().decode()
     state.update(library=paths[0], reason=f"loaded {paths[0]}")
 
 
@@ -70,4 +73,4 @@ def describe() -> str:
     """One line for --verbose: which BLAS MLX's CPU backend uses."""
     if state["library"] is None:
         return f"BLAS: MLX's bundled reference BLAS ({state['reason']})"
-    return f"BLAS: {state['library']} ({state['threads']} threads)"
+    return f"BLAS: {state['library']} ({state['core']} kernels, {state['threads']} threads)"
