@@ -11,9 +11,9 @@ where the others first differ.
 
 import argparse
 
-import mlx.core as mx
+from mlx_smolvlm.batch import BatchEngine, SamplingParams  # first: it preloads OpenBLAS for MLX
 
-from mlx_smolvlm.batch import BatchEngine, SamplingParams
+import mlx.core as mx  # noqa: E402
 from mlx_smolvlm.generation import load, stream_generate
 from mlx_smolvlm.gguf import packaged_smollm2
 

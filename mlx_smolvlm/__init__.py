@@ -9,7 +9,8 @@ try:
 except ImportError as e:  # on Linux the `mlx` wheel alone has no backend (libmlx.so)
     raise ImportError(f"{e}: install MLX's backend: pip install 'mlx-smolvlm[cpu]' (or [cuda])") from e
 
+from .batch import batch_generate
 from .generation import generate, load, stream_generate
 from .loading import load_model
 
-__all__ = ["generate", "load", "load_model", "stream_generate"]
+__all__ = ["batch_generate", "generate", "load", "load_model", "stream_generate"]

@@ -186,6 +186,15 @@ class BatchEngine:
                     s.fail(f"generation failed: {e}")
             self._drop_done()
 
+    def fail_all(self, message: str):
+        """End every sequence, running or waiting, and free the batch."""
+        with self._lock:
+            pending, self._pending = list(self._pending), deque()
+        for s in self.active + pending:
+            s.fail(message)
+        self.active, self.cache = [], None
+        mx.clear_cache()
+
     def _admit(self):
         while len(self.active) < self.max_batch:
             with self._lock:

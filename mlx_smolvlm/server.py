@@ -55,7 +55,10 @@ class EngineThread:
                 self._wake.wait(0.1)
                 self._wake.clear()
                 continue
-            self.engine.step()
+            try:
+                self.engine.step()
+            except Exception as e:  # never leave a request waiting on a dead loop
+                self.engine.fail_all(f"generation failed: {e}")
 
 
 def _usage(e: Event) -> dict:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -31,13 +32,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_idefics3, tmp_path_factory):
+@contextmanager
+def serve(folder, log_path, *args):
+    """The server process on a free loopback port; yields its URL once /health answers."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    cmd = [sys.executable, "-m", "mlx_smolvlm.server", "--model", str(tiny_idefics3), "--port", str(port),
-           "--api-key", KEY, "--max-images", "3", "--max-image-pixels", "20000",
-           "--max-tokens-limit", "500", "--max-request-bytes", "200000", "--remote-timeout", "2"]
+    log = open(log_path, "w+")
+    cmd = [sys.executable, "-m", "mlx_smolvlm.server", "--model", str(folder), "--port", str(port), *args]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -55,6 +55,14 @@ def server(tiny_idefics3, tmp_path_factory):
         proc.wait(timeout=20)
         log.seek(0)
         print(log.read()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_idefics3, tmp_path_factory):
+    limits = ["--api-key", KEY, "--max-images", "3", "--max-image-pixels", "20000", "--max-tokens-limit", "500",
+              "--max-request-bytes", "200000", "--remote-timeout", "2"]
+    with serve(tiny_idefics3, tmp_path_factory.mktemp("log") / "server.log", *limits) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -283,16 +291,26 @@ def test_load_16_clients_with_bad_requests(client, server, solo, sample_images):
     assert after["memory"]["active_bytes"] <= base * 1.05 + 2**20
 
 
-def test_video_part(client, solo, tiny_idefics3, tmp_path):
+def video_request(path):
+    url = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                         {"type": "text", "text": "What happens?"}]}]
+
+
+def test_video_part(client, tmp_path, tmp_path_factory):
+    from make_generate_golden import tiny_folder
     from video_synth import make_video
 
     path = tmp_path / "clip.mp4"
     make_video(path, 2, 4, 48, 32)
-    url = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
-    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
-                                             {"type": "text", "text": "What happens?"}]}]
-    r = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS)
-    model, processor = load(tiny_idefics3)
+    with pytest.raises(openai.BadRequestError, match="takes no video"):  # idefics3: SmolVLM v1
+        client.chat.completions.create(model="m", messages=video_request(path), max_tokens=4)
+    folder = tiny_folder("tiny-smolvlm", tmp_path_factory.mktemp("tiny-smolvlm"))
+    with serve(folder, tmp_path / "server.log") as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        r = c.chat.completions.create(model="m", messages=video_request(path), max_tokens=MAX_TOKENS)
+    model, processor = load(folder)
     local = [{"role": "user", "content": [{"type": "video", "path": str(path)},
                                           {"type": "text", "text": "What happens?"}]}]
     assert r.choices[0].message.content == generate(model, processor, local, max_tokens=MAX_TOKENS)
+    assert r.usage.prompt_tokens > 50  # the frames' tokens are in
