@@ -2,6 +2,7 @@
 
     python bench/bench_peers.py                 # full: 1 tile and 2048x2048 (17 tiles), f32/bf16/4-bit
     python bench/bench_peers.py --quick         # 1 tile, float32, 16 tokens, 1 run: minutes on a CPU
+    python bench/bench_peers.py --configs bfloat16,bfloat16+kv8   # "+kv8"/"+kv4": quantized KV cache
 
 SmolVLM-256M's real config with random weights (scripts/make_checkpoint.py), greedy decoding
 with EOS ignored. Each (implementation, dtype, workload) runs in its own process so peak
@@ -24,6 +25,9 @@ IMPLS = ("mlx_smolvlm", "mlx_vlm", "transformers")
 # 4bit: bf16 model, 4-bit decoder. 4bit-f32: the same from float32 weights, so scales and
 # activations are float32; MLX's CPU quantized matmul is ~9x slower with bf16 ones.
 CONFIGS = ("float32", "bfloat16", "4bit", "4bit-f32")
+# A config may end in "+kv8" or "+kv4": the decode loops keep a KV cache quantized from the
+# start (group 64), e.g. "bfloat16+kv8"; transformers has no such cache and is skipped.
+KV_SUFFIXES = ("", "+kv8", "+kv4")
 # name -> (image side, split into tiles?): 512 unsplit is one tile; 2048 gives 4x4 tiles + global.
 WORKLOADS = {"1tile": (512, False), "2048": (2048, True)}
 Q_GROUP, Q_BITS = 64, 4
@@ -77,6 +81,8 @@ def mlx_side(impl: str, model_dir: Path, config: str):
     import mlx.core as mx
     import mlx.nn as nn
 
+    config, _, kv = config.partition("+kv")
+    kv_args = dict(kv_bits=int(kv), kv_group_size=64, quantized_kv_start=0) if kv else {}
     dtype = mx.float32 if config in ("float32", "4bit-f32") else mx.bfloat16
     if impl == "mlx_smolvlm":
         from mlx_smolvlm.cache import make_prompt_cache
@@ -94,7 +100,7 @@ def mlx_side(impl: str, model_dir: Path, config: str):
             return make_prompt_cache(model)
 
         def generate(cache, prompt_ids, n):
-            steps = generate_step(prompt_ids[0], model, prompt_cache=cache, max_tokens=n + 1)
+            steps = generate_step(prompt_ids[0], model, prompt_cache=cache, max_tokens=n + 1, **kv_args)
             return time_after_first(steps)
 
     else:
@@ -119,7 +125,7 @@ def mlx_side(impl: str, model_dir: Path, config: str):
 
         def generate(cache, prompt_ids, n):
             steps = generate_step(prompt_ids[:, -1:], model, None, None, max_tokens=n + 1, temperature=0.0,
-                                  prompt_cache=cache)
+                                  prompt_cache=cache, **kv_args)
             return time_after_first(steps)
 
     if config.startswith("4bit"):
@@ -180,10 +186,11 @@ def run_mlx(impl, model_dir, config, pv_np, pam_np, ids_list, text_list, args):
 
     t_vision, emb = median_runs(vision, args.runs)
     t_prefill, _ = median_runs(lambda: prefill(lm, make_cache, ids, emb), args.runs)
+    t_first, _ = median_runs(lambda: prefill(lm, make_cache, ids, vision()), args.runs)
     t_dec_img = statistics.median(decode_after(ids, emb) for _ in range(args.runs))
     t_dec_txt = statistics.median(decode_after(text_ids, text_emb) for _ in range(args.runs))
     return dict(
-        vision_s=t_vision, prefill_s=t_prefill, decode_img_s=t_dec_img, decode_txt_s=t_dec_txt,
+        vision_s=t_vision, prefill_s=t_prefill, ttft_s=t_first, decode_img_s=t_dec_img, decode_txt_s=t_dec_txt,
         peak_gb=mx.get_peak_memory() / 1e9, bytes_per_token=decode_bytes(text, head),
     )
 
@@ -206,8 +213,8 @@ def run_transformers(model_dir, config, pv_np, pam_np, ids_list, text_list, args
     import torch
     from transformers import AutoModelForImageTextToText, DynamicCache
 
-    if config.startswith("4bit"):
-        return None  # no 4-bit CPU path in transformers without extra packages
+    if config.startswith("4bit") or "+kv" in config:
+        return None  # no 4-bit weights or KV cache on a CPU in transformers without extra packages
     torch.set_num_threads(args.threads)
     dtype = torch.float32 if config == "float32" else torch.bfloat16
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).eval()
@@ -237,9 +244,10 @@ def run_transformers(model_dir, config, pv_np, pam_np, ids_list, text_list, args
         decode_after(text_emb)  # warm-up
         t_vision, emb = median_runs(vision, args.runs)
         t_prefill, _ = median_runs(lambda: prefill_t(emb), args.runs)
+        t_first, _ = median_runs(lambda: prefill_t(vision()), args.runs)
         t_dec_img = statistics.median(decode_after(emb) for _ in range(args.runs))
         t_dec_txt = statistics.median(decode_after(text_emb) for _ in range(args.runs))
-    return dict(vision_s=t_vision, prefill_s=t_prefill, decode_img_s=t_dec_img, decode_txt_s=t_dec_txt,
+    return dict(vision_s=t_vision, prefill_s=t_prefill, ttft_s=t_first, decode_img_s=t_dec_img, decode_txt_s=t_dec_txt,
                 peak_gb=None, bytes_per_token=None)
 
 
@@ -303,6 +311,7 @@ COLUMNS = [
     ("vision s", "vision_s", ".2f", lambda ours, ref: ref / ours),
     ("prefill s", "prefill_s", ".2f", lambda ours, ref: ref / ours),
     ("prefill tok/s", "prefill_tps", ".0f", lambda ours, ref: ours / ref),
+    ("first token s", "ttft_s", ".2f", lambda ours, ref: ref / ours),
     ("decode tok/s img", "dec_img_tps", ".1f", lambda ours, ref: ours / ref),
     ("decode tok/s txt", "dec_txt_tps", ".1f", lambda ours, ref: ours / ref),
     ("peak MLX GB", "peak_gb", ".2f", lambda ours, ref: ours / ref),
@@ -358,7 +367,8 @@ def main():
         return worker(args)
     if args.quick:
         args.configs, args.workloads, args.tokens, args.runs = "float32", "1tile", 16, 1
-    for name, allowed in (("impls", IMPLS), ("configs", CONFIGS), ("workloads", WORKLOADS)):
+    configs = tuple(c + kv for c in CONFIGS for kv in KV_SUFFIXES)
+    for name, allowed in (("impls", IMPLS), ("configs", configs), ("workloads", WORKLOADS)):
         bad = set(getattr(args, name).split(",")) - set(allowed)
         if bad:
             sys.exit(f"error: unknown --{name} {', '.join(sorted(bad))} (choose from {', '.join(allowed)})")

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mlx_smolvlm.vision import gelu_tanh
+
 
 def ops(lib, L, D, M, H, dtype):
     """name -> zero-argument callable for one SigLIP layer's ops on (1, L, D) activations."""
@@ -34,7 +36,7 @@ def ops(lib, L, D, M, H, dtype):
             "attention (sdpa)": lambda: mx.fast.scaled_dot_product_attention(t["q"], t["q"], t["q"], scale=0.125),
             "attention (sdpa, bool mask)": lambda: mx.fast.scaled_dot_product_attention(
                 t["q"], t["q"], t["q"], scale=0.125, mask=mask),
-            "gelu tanh": lambda: nn.gelu_approx(t["h"]),
+            "gelu tanh": lambda: gelu_tanh(t["h"]),
             "layer norm (2x)": lambda: [mx.fast.layer_norm(t["x"], g, b, 1e-6) for _ in range(2)],
         }
     t = {k: torch.from_numpy(v) for k, v in a.items()}

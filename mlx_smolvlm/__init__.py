@@ -4,6 +4,11 @@ from . import blas
 
 blas.preload()  # before anything imports mlx.core: see blas.py
 
+try:
+    import mlx.core  # noqa: F401
+except ImportError as e:  # on Linux the `mlx` wheel alone has no backend (libmlx.so)
+    raise ImportError(f"{e}: install MLX's backend: pip install 'mlx-smolvlm[cpu]' (or [cuda])") from e
+
 from .batch import batch_generate
 from .generation import generate, load, stream_generate
 from .loading import load_model

@@ -8,7 +8,7 @@ RTLD_GLOBAL before that import is found first and wins, and the bundled one goes
 
 `MLX_SMOLVLM_BLAS`: unset or empty searches the paths below; `0`/`off` keeps MLX's own; a path
 loads that library (an error if it cannot, rather than a silent fallback).
-`MLX_SMOLVLM_BLAS_THREADS`: OpenBLAS threads (default: one per available core).
+`MLX_SMOLVLM_BLAS_THREADS`: OpenBLAS threads (default: the available cores but one).
 """
 
 import ctypes
@@ -29,12 +29,14 @@ CANDIDATES = [
 ]
 
 # What preload() did: the library in use (None: MLX's own) and why.
-state = {"library": None, "reason": "not on Linux", "threads": None}
+state = {"library": None, "reason": "not on Linux", "threads": None, "core": None}
 
 
 def _threads() -> int:
+    # One core fewer than this process may use: OpenBLAS's threads spin while waiting, and on a
+    # busy 2-core machine 2 threads ran a 1024x768x3072 matmul at 8-20 GFLOP/s, 1 at 23-37.
     n = os.environ.get(THREADS_ENV)
-    return int(n) if n else len(os.sched_getaffinity(0))
+    return int(n) if n else max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def preload():
@@ -63,6 +65,9 @@ def preload():
     if hasattr(lib, "openblas_set_num_threads"):
         state["threads"] = _threads()
         lib.openblas_set_num_threads(state["threads"])
+    if hasattr(lib, "openblas_get_corename"):  # the kernels its runtime dispatch picked for this CPU
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        state["core"] = lib.openblas_get_corename().decode()
     state.update(library=paths[0], reason=f"loaded {paths[0]}")
 
 
@@ -70,4 +75,4 @@ def describe() -> str:
     """One line for --verbose: which BLAS MLX's CPU backend uses."""
     if state["library"] is None:
         return f"BLAS: MLX's bundled reference BLAS ({state['reason']})"
-    return f"BLAS: {state['library']} ({state['threads']} threads)"
+    return f"BLAS: {state['library']} ({state['core']} kernels, {state['threads']} threads)"

@@ -14,7 +14,7 @@ from .detokenizer import StreamingDetokenizer
 from .gguf import load_gguf
 from .loading import get_model_path, load_model
 from .processing import load_processor, text_processor
-from .prompt_cache import PromptCache, tile_digests
+from .prompt_cache import PromptCache, n_tiles, tile_digests
 from .sample_utils import make_sampler
 from .tokenizer import Tokenizer
 
@@ -194,7 +194,8 @@ def stream_generate(
     cache = prompt_cache if prompt_cache is not None else PromptCache(model, max_kv_size)
     if "pixel_values" in inputs:  # tokens per tile follow the pixel size (small video frames)
         cache.image_seq_len = model.tokens_per_image(*inputs["pixel_values"].shape[-2:])
-    tiles = tile_digests(inputs)
+    # Digests only matter to a cache a later call may reuse (SHA1 of a 64-frame video: 200 MB).
+    tiles = tile_digests(inputs) if prompt_cache is not None else [None] * n_tiles(inputs)
     start = cache.trim_to(cache.reusable_prefix(ids, tiles))
     k = cache.tiles_in(ids[:start])
     pixels = None

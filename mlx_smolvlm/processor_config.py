@@ -35,21 +35,21 @@ class ProcessorSettings:
 def read_processor_settings(path) -> ProcessorSettings:
     path = Path(path)
     processor = read_json(path / NESTED)
-    seq_len = processor.get("image_seq_len")
-    if isinstance(processor.get("image_processor"), dict):
-        image = processor["image_processor"]
+    nested = processor.get("image_processor")
+    if isinstance(nested, dict):
+        image, layout = nested, "transformers5"
         video = processor.get("video_processor") or read_json(path / VIDEO) or image
-        return ProcessorSettings(image, video, seq_len or image.get("image_seq_len"), "transformers5")
-    image = read_json(path / LEGACY)
-    if image:
-        video = read_json(path / VIDEO) or image
-        return ProcessorSettings(image, video, seq_len or image.get("image_seq_len"), "legacy")
-    if "vision_config" in read_json(path / "config.json") or processor:
-        found = sorted(p.name for p in path.glob("*.json")) or ["no JSON files"]
+    elif image := read_json(path / LEGACY):
+        layout, video = "legacy", read_json(path / VIDEO) or image
+    elif "vision_config" in read_json(path / "config.json") or processor:
+        found = ", ".join(sorted(p.name for p in path.glob("*.json"))) or "no JSON files"
+        keys = f" ({NESTED} keys: {', '.join(sorted(processor))})" if processor else ""
         raise ProcessorConfigError(
-            f"{path}: no image processor settings; found {', '.join(found)}"
-            f"{' (processor_config.json keys: ' + ', '.join(sorted(processor)) + ')' if processor else ''}; "
-            f"expected {LEGACY} (Hub layout) or {NESTED} with an 'image_processor' entry "
+            f"{path}: no image processor settings; found {found}{keys}; expected {LEGACY} "
+            f"(Hub layout) or {NESTED} with an 'image_processor' entry "
             "(transformers 5 save_pretrained)"
         )
-    return ProcessorSettings(None, None, None, "text")
+    else:
+        return ProcessorSettings(None, None, None, "text")
+    seq_len = processor.get("image_seq_len") or image.get("image_seq_len")
+    return ProcessorSettings(image, video, seq_len, layout)

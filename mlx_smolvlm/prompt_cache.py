@@ -59,6 +59,11 @@ class PromptCache:
         self.tiles = tiles[: self.tiles_in(ids[: self.offset])]
 
 
+def n_tiles(inputs: dict) -> int:
+    pv = inputs.get("pixel_values")
+    return 0 if pv is None else pv.shape[1]
+
+
 def tile_digests(inputs: dict) -> list[bytes]:
     pv, pam = inputs.get("pixel_values"), inputs.get("pixel_attention_mask")
     if pv is None:

@@ -1,9 +1,9 @@
 """A KV cache stored group-quantized (4 or 8 bits), and attention that reads it in place.
 
 Keys and values are kept as MLX's quantized triples (packed uint32, scales, biases), as
-mlx-lm's QuantizedKVCache does: attention multiplies with `mx.quantized_matmul`, so the float
-history is never rebuilt. The newest chunk's keys are quantized before the chunk attends to
-them, as in mlx-lm.
+mlx-lm's QuantizedKVCache does: a decode step multiplies with `mx.quantized_matmul`, so the
+float history is never rebuilt for a token. The newest chunk's keys are quantized before the
+chunk attends to them, as in mlx-lm.
 """
 
 import mlx.core as mx
@@ -85,5 +85,11 @@ def quantized_attention(q, keys, values, scale: float, mask, group_size: int, bi
 def attention(q, k, v, cache, scale: float, mask) -> mx.array:
     """The decoder's attention over whatever `cache` returned: float arrays or quantized triples."""
     if isinstance(k, tuple):
-        return quantized_attention(q, k, v, scale, mask, cache.group_size, cache.bits)
+        g, b = cache.group_size, cache.bits
+        if q.shape[2] == 1:
+            return quantized_attention(q, k, v, scale, mask, g, b)
+        # A prefill chunk: one layer's history dequantized for a moment is cheap next to the
+        # chunk's scores, and the fused attention beats two quantized matmuls by far on a CPU
+        # (512 queries x 1139 keys: 0.62 vs 2.16 s at 8 bits; one query: 5.0 vs 1.3 ms).
+        k, v = mx.dequantize(*k, group_size=g, bits=b), mx.dequantize(*v, group_size=g, bits=b)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

@@ -39,6 +39,7 @@ Sources (cited per value as [key]):
 import argparse
 import json
 import sys
+import zlib
 from pathlib import Path
 
 from make_checkpoint import SIGLIP_B16, SIGLIP_SO400M, TEXT_1_7B, TEXT_135M, TEXT_360M, build_model
@@ -209,10 +210,11 @@ def reference_processor(folder: Path, model_type: str):
                      image_seq_len=proc_config["image_seq_len"], chat_template=template, **kwargs)
 
 
-def write_checkpoint(name: str, legacy: Path, v5: Path, seed: int = 0, gguf=None):
-    """Build `name` with transformers, save it in both layouts; returns the torch model."""
+def write_checkpoint(name: str, legacy: Path, v5: Path, gguf=None):
+    """Build `name` with transformers, save it in both layouts; returns the torch model.
+    The seed follows the name, so models of equal shapes still get different weights."""
     config = config_json(name)
-    model = build_model(config, seed)
+    model = build_model(config, zlib.crc32(name.encode()))
     model.save_pretrained(v5)
     legacy.mkdir(parents=True, exist_ok=True)
     for f in v5.glob("*.*"):  # the same weight files, linked instead of written twice

@@ -107,6 +107,7 @@ def build_model(preset: dict, seed: int = 0, layers: int | None = None):
     torch.manual_seed(seed)
     with no_init_weights():  # randomize() draws every parameter; the reference init is slow
         model = model_cls(config).eval()
+    model.tie_weights()  # part of the init skipped above
     randomize(model)
     return model
 

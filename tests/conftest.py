@@ -1,8 +1,13 @@
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# MLX's CUDA backend runs float32 matmuls in TF32 unless told otherwise: parity with the float32
+# reference needs full float32 (set before mlx.core loads).
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 import mlx_smolvlm  # noqa: F401  before any test module imports mlx.core: see mlx_smolvlm/blas.py
 

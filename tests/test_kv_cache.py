@@ -97,13 +97,14 @@ def test_rotating_cache_with_room_is_the_float_cache(smollm2, prompt):
     assert mx.allclose(ours, ref, atol=1e-4)
 
 
-def test_chat_turns_with_capped_and_quantized_caches(smollm2):
+def test_prompt_cache_reuse_with_capped_and_quantized_caches(smollm2):
     model, processor = smollm2
     msgs = [{"role": "user", "content": "Name a planet."}]
-    for cache, kv in ((PromptCache(model, max_kv_size=24), {}), (PromptCache(model), {"kv_bits": 8})):
+    # The prompt is longer than 8 positions: the capped cache has evicted and cannot be rolled
+    # back to the shared prefix, so the second call starts afresh; the quantized one reuses it.
+    for cache, kv, reused in ((PromptCache(model, max_kv_size=8), {}, False),
+                              (PromptCache(model), {"kv_bits": 8}, True)):
         first = list(stream_generate(model, processor, msgs, max_tokens=4, prompt_cache=cache, **kv))
         again = list(stream_generate(model, processor, msgs, max_tokens=4, prompt_cache=cache, **kv))
         assert [r.token for r in again] == [r.token for r in first]
-        # Rolling back to the shared prefix: possible unless a rotating cache has evicted.
-        assert again[-1].cached_tokens == (0 if cache.layers[0].offset > 24 and "kv_bits" not in kv
-                                           else len(first) and again[-1].cached_tokens)
+        assert (again[-1].cached_tokens > 0) == reused
