@@ -6,11 +6,12 @@ step writes one slice instead of concatenating the whole history.
 
 import mlx.core as mx
 
+from .cache_base import AppendCache
 from .quantized_cache import QuantizedKVCache
 from .rotating_cache import RotatingKVCache
 
 
-class KVCache:
+class KVCache(AppendCache):
     step = 256
 
     def __init__(self):
@@ -42,16 +43,6 @@ class KVCache:
         if self.keys is None:
             return []
         return [self.keys[..., : self.offset, :], self.values[..., : self.offset, :]]
-
-    def trim(self, n: int) -> int:
-        """Drop the last `n` positions (used to roll a chat turn back)."""
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
-
-    def make_mask(self, N: int):
-        # One new token attends to everything cached; a longer chunk needs causality.
-        return "causal" if N > 1 else None
 
     def to_quantized(self, group_size: int, bits: int) -> QuantizedKVCache:
         q = QuantizedKVCache(group_size, bits)

@@ -8,13 +8,15 @@ chunk attends to them, as in mlx-lm.
 
 import mlx.core as mx
 
+from .cache_base import AppendCache
+
 
 def _grow(triple, n: int):
     # Append n zero positions (axis 2) to each of the packed weights, scales and biases.
     return tuple(mx.concatenate([x, mx.zeros((*x.shape[:2], n, x.shape[3]), x.dtype)], axis=2) for x in triple)
 
 
-class QuantizedKVCache:
+class QuantizedKVCache(AppendCache):
     step = 256
 
     def __init__(self, group_size: int = 64, bits: int = 8):
@@ -49,14 +51,6 @@ class QuantizedKVCache:
         if self.keys is None:
             return []
         return tuple(tuple(x[..., : self.offset, :] for x in t) for t in (self.keys, self.values))
-
-    def trim(self, n: int) -> int:
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
-
-    def make_mask(self, N: int):
-        return "causal" if N > 1 else None
 
     @property
     def nbytes(self) -> int:
