@@ -15,11 +15,11 @@ import mlx.core as mx
 import numpy as np
 
 from .batch_cache import BatchKVCache
-from .detokenizer import StreamingDetokenizer
-from .generation import _held_back, check_length
+from .generation import check_length, prefill
 from .prompt_cache import tile_digests
 from .reuse_cache import FeatureCache, PrefixCache
 from .sample_utils import apply_top_p
+from .text_stream import TextStream
 
 
 @dataclass
@@ -62,37 +62,6 @@ def make_row_sampler(temp: float, top_p: float, seed: int | None) -> Callable:
     return sample
 
 
-class TextStream:
-    """Tokens -> text with the end conditions: eos, stop strings (held back until they
-    cannot be one), max_tokens."""
-
-    def __init__(self, tokenizer, params: SamplingParams):
-        self.detok = StreamingDetokenizer(tokenizer, params.skip_special_tokens)
-        self.eos = tokenizer.eos_token_ids
-        self.stop = [s for s in params.stop if s]
-        self.max_tokens = params.max_tokens
-        self.n, self.held = 0, ""
-
-    def add(self, token: int) -> tuple[str, str | None]:
-        self.n += 1
-        finish = None
-        if token in self.eos:
-            finish = "stop"
-        else:
-            self.detok.add_token(token)
-            if self.n == self.max_tokens:
-                finish = "length"
-        if finish:
-            self.detok.finalize()
-        held = self.held + self.detok.last_segment
-        cut = min((held.find(s) for s in self.stop if s in held), default=-1)
-        if cut >= 0:
-            return held[:cut], "stop"
-        k = len(held) if finish or not self.stop else len(held) - _held_back(held, self.stop)
-        self.held = held[k:]
-        return held[:k], finish
-
-
 class Sequence:
     def __init__(self, inputs: dict, params: SamplingParams, on_event: Callable, tokenizer):
         self.inputs = inputs
@@ -100,7 +69,7 @@ class Sequence:
         self.params = params
         self.on_event = on_event
         self.sampler = None  # made on the engine thread, which owns every MLX array
-        self.text = TextStream(tokenizer, params)
+        self.text = TextStream(tokenizer, params.max_tokens, params.stop, params.skip_special_tokens)
         self.cached = 0
         self.last = None  # the token to feed next
         self.done = self.cancelled = False
@@ -113,22 +82,6 @@ class Sequence:
     def fail(self, message: str):
         self.done = True
         self.on_event(Event("", None, len(self.ids), self.text.n, self.cached, "error", error=message))
-
-
-def prefill(model, ids: mx.array, embeds: mx.array | None, cache: list, step: int) -> mx.array:
-    """Run the uncached prompt `ids` (or its `embeds`) through `cache`, in chunks as
-    generate_step does (all but the last token, then the last alone); (1, V) logits."""
-
-    def chunk(i, j):
-        return {"input_embeddings": embeds[:, i:j]} if embeds is not None else {"input_ids": ids[None, i:j]}
-
-    done, n = 0, ids.size
-    while n - done > 1:
-        j = done + min(step, n - done - 1)
-        model(**chunk(done, j), cache=cache)
-        mx.eval([c.state for c in cache])
-        done = j
-    return model(**chunk(done, n), cache=cache)[:, -1, :]
 
 
 def _logprob_info(logprobs: mx.array, token: mx.array, k: int):
@@ -234,7 +187,8 @@ class BatchEngine:
             pam = np.ones((1, *pv.shape[1:2], *pv.shape[3:]), bool) if pam is None else pam
             feats = self.features.features(model, pv[0, k:], pam[0, k:], tiles[k:])
             embeds = model.merge_image_features(arr[None, start:], feats)
-        logits = prefill(model, arr[start:], embeds, cache.layers, self.prefill_step_size)
+        last = prefill(model, arr[start:], embeds, cache.layers, self.prefill_step_size)
+        logits = model(**last, cache=cache.layers)[:, -1, :]
         cache.tokens, cache.tiles = ids, tiles
         self.prefixes.store(cache)
         self._emit([seq], logits)

@@ -123,11 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def message(processor, role: str, text: str, images=(), videos=()) -> dict:
-    # Text-only chat templates (SmolLM2's) take a string; SmolVLM's take a content list.
+    if not (images or videos):
+        return processor.text_message(role, text)
     if processor.image_processor is None:
-        if images or videos:
-            raise ValueError("this model has no image processor: it takes text only")
-        return {"role": role, "content": text}
+        raise ValueError("this model has no image processor: it takes text only")
     content = [{"type": "video", "path": x} for x in videos]
     content += [{"type": "image", "url" if "://" in str(x) else "path": x} for x in images]
     return {"role": role, "content": content + [{"type": "text", "text": text}]}

@@ -10,12 +10,12 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import make_prompt_cache, maybe_quantize_kv_cache
-from .detokenizer import StreamingDetokenizer
 from .gguf import load_gguf
 from .loading import get_model_path, load_model
 from .processing import load_processor, text_processor
 from .prompt_cache import PromptCache, n_tiles, tile_digests
 from .sample_utils import make_sampler
+from .text_stream import TextStream
 from .tokenizer import Tokenizer
 
 
@@ -65,12 +65,6 @@ def generate_step(
     sampler = sampler or make_sampler()
     logits_processors = logits_processors or []
     tokens = prompt
-    ids = prompt[cache[0].offset :]
-
-    def chunk(i, j):
-        if input_embeddings is not None:
-            return {"input_embeddings": input_embeddings[:, i:j]}
-        return {"input_ids": ids[None, i:j]}
 
     def quantize():
         maybe_quantize_kv_cache(cache, kv_bits, kv_group_size, quantized_kv_start)
@@ -84,15 +78,8 @@ def generate_step(
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs.squeeze(0)
 
-    new, done = ids.size, 0
-    while new - done > 1:
-        n = min(prefill_step_size, new - done - 1)
-        quantize()
-        model(**chunk(done, done + n), cache=cache)
-        mx.eval([c.state for c in cache])
-        done += n
-        mx.clear_cache()
-    y, logprobs = step(chunk(done, new))
+    ids = prompt[cache[0].offset :]
+    y, logprobs = step(prefill(model, ids, input_embeddings, cache, prefill_step_size, quantize))
     mx.async_eval(y, logprobs)
     for n in range(max_tokens):
         if n + 1 < max_tokens:
@@ -103,6 +90,28 @@ def generate_step(
         yield y.item(), logprobs
         if n + 1 < max_tokens:
             y, logprobs = next_y, next_logprobs
+
+
+def prefill(model, ids: mx.array, input_embeddings, cache: list, step_size: int,
+            before_chunk: Callable = lambda: None) -> dict:
+    """Run all but the last position of the uncached prompt `ids` (or of its
+    `input_embeddings`) through `cache`, in chunks of `step_size`; returns the model inputs
+    of that last position, whose logits give the first token."""
+
+    def chunk(i, j):
+        if input_embeddings is not None:
+            return {"input_embeddings": input_embeddings[:, i:j]}
+        return {"input_ids": ids[None, i:j]}
+
+    new, done = ids.size, 0
+    while new - done > 1:
+        n = min(step_size, new - done - 1)
+        before_chunk()
+        model(**chunk(done, done + n), cache=cache)
+        mx.eval([c.state for c in cache])
+        done += n
+        mx.clear_cache()
+    return chunk(done, new)
 
 
 def check_kv_options(kv_bits, kv_group_size, max_kv_size):
@@ -143,14 +152,6 @@ def check_length(model, n_prompt: int, max_tokens: int):
             f"the prompt has {n_prompt} tokens and max_tokens is {max_tokens}: {n_prompt + max_tokens} "
             f"is beyond the model's context length of {limit} tokens"
         )
-
-
-def _held_back(text: str, stop: list[str]) -> int:
-    """Length of the longest end of `text` that could be the start of a stop string."""
-    for k in range(min(len(text), max(map(len, stop)) - 1), 0, -1):
-        if any(s.startswith(text[-k:]) for s in stop):
-            return k
-    return 0
 
 
 def stream_generate(
@@ -203,10 +204,7 @@ def stream_generate(
         pam = inputs.get("pixel_attention_mask")
         pixels = (mx.array(inputs["pixel_values"][:, k:]), None if pam is None else mx.array(pam[:, k:]))
 
-    tokenizer = processor.tokenizer
-    eos = tokenizer.eos_token_ids
-    detok = StreamingDetokenizer(tokenizer, skip_special_tokens)
-    stop = [s for s in (stop or []) if s]
+    text_stream = TextStream(processor.tokenizer, max_tokens, stop, skip_special_tokens)
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_arr = mx.array(ids)
@@ -226,31 +224,14 @@ def stream_generate(
         kv_group_size=kv_group_size,
         quantized_kv_start=quantized_kv_start,
     )
-    generated, held = [], ""
+    generated = []
     try:
         for n, (token, logprobs) in enumerate(steps):
             if n == 0:
                 prompt_time = time.perf_counter() - tic
                 tic = time.perf_counter()
             generated.append(token)
-            finish = None
-            if token in eos:
-                finish = "stop"
-            else:
-                detok.add_token(token)
-                if n + 1 == max_tokens:
-                    finish = "length"
-            if finish:
-                detok.finalize()
-            held += detok.last_segment
-            cut = min((held.find(s) for s in stop if s in held), default=-1)
-            if cut >= 0:
-                text, held, finish = held[:cut], "", "stop"
-            elif finish or not stop:
-                text, held = held, ""
-            else:
-                k = len(held) - _held_back(held, stop)
-                text, held = held[:k], held[k:]
+            text, finish = text_stream.add(token)
             yield GenerationResponse(
                 text=text,
                 token=token,

@@ -162,9 +162,9 @@ class Processor:
         the reply again. What the template inserts there is read from the template itself
         (SmolVLM: a space; SmolLM2: nothing) and taken off the reply's start."""
         sep = self._reply_separator
-        return self._text_message("assistant", text[len(sep) :] if sep and text.startswith(sep) else text)
+        return self.text_message("assistant", text[len(sep) :] if sep and text.startswith(sep) else text)
 
-    def _text_message(self, role, text):
+    def text_message(self, role: str, text: str) -> dict:
         # Text-only chat templates (SmolLM2's) take a string; SmolVLM's take a content list.
         if self.image_processor is None:
             return {"role": role, "content": text}
@@ -173,9 +173,9 @@ class Processor:
     @cached_property
     def _reply_separator(self) -> str:
         mark = "<<reply>>"
-        user = [self._text_message("user", "?")]
+        user = [self.text_message("user", "?")]
         prompt = self.apply_chat_template(user)
-        full = self.apply_chat_template(user + [self._text_message("assistant", mark)], False)
+        full = self.apply_chat_template(user + [self.text_message("assistant", mark)], False)
         if not full.startswith(prompt) or mark not in full[len(prompt) :]:
             return ""
         return full[len(prompt) : full.index(mark, len(prompt))]
