@@ -141,6 +141,8 @@ class GenerationResponse:
     peak_memory: float
     finish_reason: str | None = None
     cached_tokens: int = 0
+    draft_tokens: int = 0  # speculative decoding: drafts checked, and of those accepted
+    accepted_tokens: int = 0
 
 
 def check_length(model, n_prompt: int, max_tokens: int):
@@ -172,6 +174,7 @@ def stream_generate(
     max_kv_size: int | None = None,
     skip_special_tokens: bool = True,
     clip_to_context: bool = False,
+    draft=None,
     **controls,
 ) -> Iterator[GenerationResponse]:
     """Generate from chat `messages` (transformers' format) or a raw prompt string.
@@ -185,6 +188,8 @@ def stream_generate(
     (multi-turn chat) prefills only the tokens that follow what it already holds.
     KV-cache options (`kv_bits`, `kv_group_size`, `quantized_kv_start`, `max_kv_size`): see
     generate_step; `max_kv_size` applies to a cache made here (PromptCache takes its own).
+    `draft` (speculative.PromptLookup or DraftModel) turns on speculative decoding: greedy
+    output stays the same tokens, several per forward when drafts are accepted.
     """
     inputs = processor(prompt, images=images, **controls)
     ids = np.asarray(inputs["input_ids"])[0].tolist()
@@ -211,9 +216,17 @@ def stream_generate(
     embeds = None
     if pixels:
         embeds = model.get_input_embeddings(prompt_arr[None, start:], *pixels)
-    steps = generate_step(
+    spec = {}
+    if draft is not None:
+        # Imported here: speculative.py builds on this module's prefill.
+        from .speculative import SpeculativeStats, speculative_generate_step
+
+        draft.begin(processor, prompt, images, controls)
+        spec = {"drafter": draft, "stats": SpeculativeStats()}
+    steps = (speculative_generate_step if spec else generate_step)(
         prompt_arr,
         model,
+        **spec,
         input_embeddings=embeds,
         prompt_cache=cache.layers,
         max_tokens=max_tokens,
@@ -243,10 +256,13 @@ def stream_generate(
                 peak_memory=mx.get_peak_memory() / 1e9,
                 finish_reason=finish,
                 cached_tokens=start,
+                draft_tokens=spec["stats"].drafted if spec else 0,
+                accepted_tokens=spec["stats"].accepted if spec else 0,
             )
             if finish:
                 break
     finally:
+        steps.close()  # a speculative loop trims what it ran ahead of the tokens taken
         cache.record(ids, generated, tiles)
 
 
@@ -269,9 +285,13 @@ def generate(model, processor, prompt, images=None, verbose: bool = False, **kwa
 
 def format_stats(r: GenerationResponse) -> str:
     cached = f" ({r.cached_tokens} cached)" if r.cached_tokens else ""
+    spec = ""
+    if r.draft_tokens:
+        spec = (f"Speculative: {r.draft_tokens} drafted, {r.accepted_tokens} accepted "
+                f"({100 * r.accepted_tokens / r.draft_tokens:.0f}%)\n")
     return (
         "==========\n"
         f"Prompt: {r.prompt_tokens} tokens{cached}, {r.prompt_tps:.1f} tokens-per-sec\n"
         f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens-per-sec\n"
-        f"Peak memory: {r.peak_memory:.3f} GB"
+        f"{spec}Peak memory: {r.peak_memory:.3f} GB"
     )
