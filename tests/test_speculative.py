@@ -161,16 +161,16 @@ def test_stop_strings_eos_and_max_tokens(models, images):
     assert len(ref) == 7 and ref[-1].finish_reason == "length"
 
 
-def test_repetition_penalty_per_position(models, images):
-    model, processor = models["tiny-smolvlm"]  # repeats one token forever unpenalised
-    msgs = messages("text", images)
-    procs = make_logits_processors(1.5, 8)
+def test_repetition_penalty_per_position(smollm2):
+    model, processor = smollm2
+    msgs = [{"role": "user", "content": "Copy this text: " + "one two three four five. " * 3}]
+    procs = make_logits_processors(1.3, 8)
     plain = list(stream_generate(model, processor, msgs, max_tokens=MAX_TOKENS, logits_processors=procs))
     check_margins(plain)
-    assert len(set(tokens(plain))) > 3  # the penalty changes the output
-    for d in ("lookup", "self"):
+    assert tokens(plain) != tokens(stream_generate(model, processor, msgs, max_tokens=MAX_TOKENS))
+    for d in (PromptLookup(8, 3), DraftModel(model, processor, 4)):
         spec = list(stream_generate(model, processor, msgs, max_tokens=MAX_TOKENS, logits_processors=procs,
-                                    draft=drafter(d, models, "tiny-smolvlm")))
+                                    draft=d))
         assert tokens(spec) == tokens(plain)
         assert spec[-1].accepted_tokens > 0
 
