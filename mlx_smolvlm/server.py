@@ -62,12 +62,18 @@ class EngineThread:
 
 
 def _usage(e: Event) -> dict:
-    return {
+    usage = {
         "prompt_tokens": e.prompt_tokens,
         "completion_tokens": e.completion_tokens,
         "total_tokens": e.prompt_tokens + e.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": e.cached_tokens},
     }
+    if e.draft_tokens:  # prompt lookup: OpenAI's fields for predicted tokens kept and dropped
+        usage["completion_tokens_details"] = {
+            "accepted_prediction_tokens": e.accepted_tokens,
+            "rejected_prediction_tokens": e.draft_tokens - e.accepted_tokens,
+        }
+    return usage
 
 
 def _logprobs(tokenizer, e: Event) -> dict:

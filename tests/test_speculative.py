@@ -249,3 +249,27 @@ def test_cli_flags(tiny_idefics3, images):
         out = cli(*flags, "--verbose")
         assert out.startswith(plain.split("==========")[0].rstrip("\n"))
         assert "Speculative: " in out and "accepted" in out
+
+
+def test_batch_prompt_lookup_rows_accept_different_lengths(models, images):
+    from mlx_smolvlm.batch import BatchEngine, SamplingParams, batch_generate
+
+    model, processor = models["tiny-idefics3"]
+    prompts = [messages("image", images), messages("text", images), [user("Hi")],
+               [user("Describe.", [images["square.png"]])]]
+    solo = ["".join(r.text for r in stream_generate(model, processor, p, max_tokens=MAX_TOKENS)) for p in prompts]
+    assert batch_generate(model, processor, prompts, max_tokens=MAX_TOKENS, prompt_lookup_tokens=5,
+                          ngram_size=2) == solo
+    # One sampled row decodes plainly beside the drafting greedy rows.
+    engine, last = BatchEngine(model, processor), {}
+    for i, p in enumerate(prompts):
+        params = SamplingParams(MAX_TOKENS, temperature=0.7 if i == 3 else 0.0, seed=1,
+                                prompt_lookup_tokens=5, ngram_size=2)
+        engine.add(processor(p), params, lambda e, i=i: last.__setitem__(i, e))
+    while engine.busy:
+        engine.step()
+    accepted = [last[i].accepted_tokens for i in range(3)]
+    print("accepted per row:", accepted, "drafted:", [last[i].draft_tokens for i in range(3)])
+    assert len(set(accepted)) > 1 and last[3].draft_tokens == 0
+    print({i: (e.finish_reason, e.completion_tokens, e.error) for i, e in last.items()})
+    assert all(last[i].finish_reason in ("stop", "length") for i in range(4))
