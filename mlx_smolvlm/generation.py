@@ -51,6 +51,8 @@ def generate_step(
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
     max_kv_size: int | None = None,
+    drafter=None,
+    stats=None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs) pairs, computing each next token while the current one is read.
 
@@ -59,6 +61,8 @@ def generate_step(
     `input_embeddings` (1, L, D), if given, are those of the uncached ids (images merged).
     `kv_bits` (4 or 8) stores the KV cache group-quantized once it holds `quantized_kv_start`
     positions; `max_kv_size` caps a new cache at that many positions (mlx-lm's options).
+    `drafter` (speculative.py, after its `begin`) decodes speculatively: greedy tokens are the
+    same, several per forward; `stats` (speculative.SpeculativeStats) counts the drafts.
     """
     check_kv_options(kv_bits, kv_group_size, max_kv_size)
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size)
@@ -68,6 +72,17 @@ def generate_step(
 
     def quantize():
         maybe_quantize_kv_cache(cache, kv_bits, kv_group_size, quantized_kv_start)
+
+    if drafter is not None:
+        # Imported here: speculative.py builds on this module's prefill.
+        from .speculative import SpeculativeStats, speculative_steps
+
+        yield from speculative_steps(
+            prompt, model, drafter, cache, quantize, input_embeddings=input_embeddings, max_tokens=max_tokens,
+            sampler=sampler, logits_processors=logits_processors, prefill_step_size=prefill_step_size,
+            kv_bits=kv_bits, quantized_kv_start=quantized_kv_start,
+            stats=stats if stats is not None else SpeculativeStats())
+        return
 
     def step(inputs: dict):
         quantize()
@@ -218,12 +233,11 @@ def stream_generate(
         embeds = model.get_input_embeddings(prompt_arr[None, start:], *pixels)
     spec = {}
     if draft is not None:
-        # Imported here: speculative.py builds on this module's prefill.
-        from .speculative import SpeculativeStats, speculative_generate_step
+        from .speculative import SpeculativeStats
 
         draft.begin(processor, prompt, images, controls)
         spec = {"drafter": draft, "stats": SpeculativeStats()}
-    steps = (speculative_generate_step if spec else generate_step)(
+    steps = generate_step(
         prompt_arr,
         model,
         **spec,

@@ -22,8 +22,8 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 
-from .cache import KVCache, make_prompt_cache, maybe_quantize_kv_cache
-from .generation import check_kv_options, prefill
+from .cache import KVCache, make_prompt_cache
+from .generation import prefill
 from .sample_utils import categorical, filtered_logits, greedy
 
 
@@ -149,7 +149,8 @@ class Gate:
     CPU but ~k times one with 4-bit weights there (MLX's CPU quantized matmul is compute-bound)."""
 
     def __init__(self, floor: float = 0.3):
-        self.floor, self.rate, self.skip, self.pause = floor, 0.5, 0, 4
+        # The first 2 steps run plain: the speed drafting has to beat.
+        self.floor, self.rate, self.skip, self.pause = floor, 0.5, 2, 4
         self.spec = self.plain = None  # running seconds per emitted token
 
     def open(self) -> bool:
@@ -201,38 +202,18 @@ def accept_sampled(logprobs: mx.array, drafts: list[int], q: mx.array | None) ->
     return drafts[:n] + [token]
 
 
-def speculative_generate_step(
-    prompt: mx.array,
-    model,
-    drafter,
-    *,
-    input_embeddings: mx.array | None = None,
-    prompt_cache: list | None = None,
-    max_tokens: int = 256,
-    sampler: Callable | None = None,
-    logits_processors: list[Callable] | None = None,
-    prefill_step_size: int = 512,
-    kv_bits: int | None = None,
-    kv_group_size: int = 64,
-    quantized_kv_start: int = 0,
-    max_kv_size: int | None = None,
-    stats: SpeculativeStats | None = None,
-) -> Iterator[tuple[int, mx.array]]:
-    """generate_step with drafts: the same (token, logprobs) pairs (greedy: the same tokens),
-    several per forward when drafts are accepted. `drafter` is a PromptLookup or DraftModel
-    (after its `begin`); `stats` counts drafted and accepted tokens."""
-    check_kv_options(kv_bits, kv_group_size, max_kv_size)
-    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size)
+def speculative_steps(prompt: mx.array, model, drafter, cache: list, quantize: Callable, *,
+                      input_embeddings, max_tokens, sampler, logits_processors, prefill_step_size,
+                      kv_bits, quantized_kv_start, stats) -> Iterator[tuple[int, mx.array]]:
+    """generate_step's loop with drafts (generate_step(drafter=...) calls it after its checks):
+    the same (token, logprobs) pairs (greedy: the same tokens), several per forward when
+    drafts are accepted. `drafter` is a PromptLookup or DraftModel after its `begin`."""
     dist = target_distribution(sampler)
     sampler = sampler or greedy
     processors = logits_processors or []
-    stats = stats if stats is not None else SpeculativeStats()
     gate = Gate()
     context = prompt.tolist()  # the prompt and the tokens yielded: lookup and processors read it
     n_prompt = len(context)
-
-    def quantize():
-        maybe_quantize_kv_cache(cache, kv_bits, kv_group_size, quantized_kv_start)
 
     def logprobs_of(logits: mx.array, drafts: mx.array | None) -> mx.array:
         # Row j predicts the token after context + drafts[:j]: processors see that prefix.
