@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from make_generate_golden import gguf_path, tiny_folder, user
 
+from mlx_smolvlm.batch import BatchEngine, SamplingParams, batch_generate
+from mlx_smolvlm.batch_cache import BatchKVCache
 from mlx_smolvlm.generation import load, stream_generate
 from mlx_smolvlm.prompt_cache import PromptCache
 from mlx_smolvlm.sample_utils import make_logits_processors, make_sampler
@@ -251,16 +253,18 @@ def test_cli_flags(tiny_idefics3, images):
         assert "Speculative: " in out and "accepted" in out
 
 
-def test_batch_prompt_lookup_rows_accept_different_lengths(models, images):
-    from mlx_smolvlm.batch import BatchEngine, SamplingParams, batch_generate
-
+def test_batch_prompt_lookup_rows_accept_different_lengths(models, images, monkeypatch):
     model, processor = models["tiny-idefics3"]
     prompts = [messages("image", images), messages("text", images), [user("Hi")],
                [user("Describe.", [images["square.png"]])]]
     solo = ["".join(r.text for r in stream_generate(model, processor, p, max_tokens=MAX_TOKENS)) for p in prompts]
     assert batch_generate(model, processor, prompts, max_tokens=MAX_TOKENS, prompt_lookup_tokens=5,
                           ngram_size=2) == solo
-    # One sampled row decodes plainly beside the drafting greedy rows.
+    # One sampled row decodes plainly beside the drafting greedy rows; a spy on the cache
+    # records what each verify step rewinds per row.
+    drops = []
+    trim_rows = BatchKVCache.trim_rows
+    monkeypatch.setattr(BatchKVCache, "trim_rows", lambda self, n: (drops.append(list(n)), trim_rows(self, n)))
     engine, last = BatchEngine(model, processor), {}
     for i, p in enumerate(prompts):
         params = SamplingParams(MAX_TOKENS, temperature=0.7 if i == 3 else 0.0, seed=1,
@@ -268,8 +272,24 @@ def test_batch_prompt_lookup_rows_accept_different_lengths(models, images):
         engine.add(processor(p), params, lambda e, i=i: last.__setitem__(i, e))
     while engine.busy:
         engine.step()
-    accepted = [last[i].accepted_tokens for i in range(3)]
-    print("accepted per row:", accepted, "drafted:", [last[i].draft_tokens for i in range(3)])
-    assert len(set(accepted)) > 1 and last[3].draft_tokens == 0
-    print({i: (e.finish_reason, e.completion_tokens, e.error) for i, e in last.items()})
+    print("accepted per row:", [last[i].accepted_tokens for i in range(4)],
+          "drafted:", [last[i].draft_tokens for i in range(4)])
+    assert any(len(set(n)) > 1 for n in drops)  # rows rewound by different lengths in one step
+    assert last[3].draft_tokens == 0
     assert all(last[i].finish_reason in ("stop", "length") for i in range(4))
+
+
+def test_batch_cache_trim_rows_is_each_rows_trim():
+    rng = np.random.default_rng(0)
+    rows = [mx.array(rng.standard_normal((1, 2, L, 8)).astype(np.float32)) for L in (5, 9, 7)]
+    cache = BatchKVCache.from_rows([(r, r * 2) for r in rows])
+    new = mx.array(rng.standard_normal((3, 2, 4, 8)).astype(np.float32))
+    cache.update_and_fetch(new, new * 2)
+    cache.trim_rows([3, 0, 2])  # keep 1, 4 and 2 of the new positions
+    kept = [mx.concatenate([r, new[b : b + 1, :, :k]], axis=2) for b, (r, k) in enumerate(zip(rows, (1, 4, 2)))]
+    keys, values = cache.state
+    assert cache.offset.tolist() == [r.shape[2] for r in kept]
+    for b, r in enumerate(kept):
+        L = r.shape[2]
+        assert mx.array_equal(keys[b : b + 1, :, -L:], r) and mx.array_equal(values[b : b + 1, :, -L:], r * 2)
+    assert min(cache.left) == 0  # columns that are padding in every row are gone
