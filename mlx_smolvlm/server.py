@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .batch import BatchEngine, Event
+from .errors import InvalidRequestError
 from .openai_request import ChatRequest, Limits, RequestError, parse_chat
 
 
@@ -139,7 +140,7 @@ def create_app(engine: BatchEngine, model_id: str, limits: Limits | None = None,
         try:
             inputs = await asyncio.to_thread(engine.processor, req.messages, **controls)
             seq, queue = runner.submit(inputs, req.params)
-        except ValueError as e:  # images the model cannot take, a prompt beyond the context
+        except InvalidRequestError as e:  # images the model cannot take, a prompt beyond the context
             raise RequestError(str(e), "messages") from None
         finally:
             req.cleanup()
@@ -205,7 +206,7 @@ def create_app(engine: BatchEngine, model_id: str, limits: Limits | None = None,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .generate import DEFAULT_MODEL
+    from .cli import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="Hub repo id, local folder or .gguf file")
@@ -238,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     import uvicorn
 
-    from .generation import load
+    from .generate import load
 
     args = build_parser().parse_args(argv)
     dtype = getattr(mx, args.dtype) if args.dtype else None

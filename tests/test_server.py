@@ -19,7 +19,7 @@ import openai
 import pytest
 from PIL import Image
 
-from mlx_smolvlm.generation import generate, load
+from mlx_smolvlm.generate import generate, load
 from mlx_smolvlm.image_processing import decode_image
 
 KEY = "test-key"
