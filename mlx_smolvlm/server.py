@@ -21,6 +21,7 @@ import mlx.core as mx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .admission import Admission, Busy
 from .batch import BatchEngine, Event
@@ -166,6 +167,8 @@ def create_app(engine: BatchEngine, model_id: str, limits: Limits | None = None,
         except TimeoutError:
             raise RequestError(f"the request body did not arrive within {limits.body_timeout:g} s",
                                status=408, code="request_timeout") from None
+        except ClientDisconnect:
+            raise RequestError("the client left before sending its body", status=499) from None
         try:
             return await admission.run(json.loads, body)
         except (ValueError, RecursionError):  # also a document nested too deep
