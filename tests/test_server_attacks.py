@@ -50,10 +50,13 @@ class Decoy:
                 self.send_header("Content-Type", "image/png")
                 self.end_headers()
                 if self.path == "/slow":
-                    for b in decoy.png[:50]:  # at most 10 s, and the client leaves long before
-                        self.wfile.write(bytes([b]))
-                        self.wfile.flush()
-                        time.sleep(0.2)
+                    try:
+                        for b in decoy.png[:50]:  # at most 10 s, and the client leaves long before
+                            self.wfile.write(bytes([b]))
+                            self.wfile.flush()
+                            time.sleep(0.2)
+                    except OSError:  # the client left: what the test wants
+                        pass
                 else:
                     self.wfile.write(decoy.png)
 
@@ -107,7 +110,8 @@ GOOD = {"messages": [{"role": "user", "content": "Tell me a story."}], "max_toke
 
 
 def good_answer(client) -> str:
-    r = client.post("/v1/chat/completions", json=GOOD)
+    # A fresh cache_salt: no prefix reuse, so the same computation as the first time.
+    r = client.post("/v1/chat/completions", json={**GOOD, "cache_salt": f"fresh-{time.perf_counter_ns()}"})
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
 
@@ -171,16 +175,18 @@ def test_ssrf_spellings_never_reach_the_decoy(server, client, decoy, baseline):
             f"http://evil.example@127.0.0.1:{p}/img.png", f"http://127.0.0.1:{p + 70000}/img.png",
             "http://xn--ls8h\udcff.com/x.png", "http://a..b/x.png", "http://-bad-.invalid:99999/",
             f"https://127.0.0.1:{p}/img.png", f"http://[64:ff9b::7f00:1]:{p}/img.png"]
+    slowest = 0.0
     for kind in ("image_url", "video_url"):
         for url in urls:
             r, dt = chat(client, media(url, kind))
+            slowest = max(slowest, dt)
             err = assert_openai_error(r)
             assert err["param"] == "messages[0].content[0]", err
             if "\udcff" not in url:  # a lone surrogate is refused as such, before any fetch
                 assert err["message"] == GENERIC_FETCH_ERROR, (url, err)
             assert dt < 3, (url, dt)
     assert decoy.hits == []
-    record(server, f"SSRF: {len(urls)} spellings x image/video", "400, one generic text, decoy never hit", dt)
+    record(server, f"SSRF: {len(urls)} spellings x image/video", "400, one generic text, decoy never hit", slowest)
     assert good_answer(client) == baseline
 
 
@@ -229,7 +235,7 @@ def test_private_networks_flag_and_domains(tiny_idefics3, tmp_path, decoy):
 def test_containers_that_read_other_files(server, client, tmp_path, decoy):
     from video_synth import make_video
 
-    clip = make_video(tmp_path / "clip.mp4", 2, 4, 48, 32)
+    clip, before = make_video(tmp_path / "clip.mp4", 2, 4, 48, 32), len(decoy.hits)
     payloads = {
         "ffconcat": f"ffconcat version 1.0\nfile {clip}\nfile /etc/passwd\n".encode(),
         "concat (no header)": f"file '{clip}'\n".encode(),
@@ -250,7 +256,7 @@ def test_containers_that_read_other_files(server, client, tmp_path, decoy):
     # a real mp4 passes the container check and reaches the model (which takes no video)
     r, _ = chat(client, media(b64("video/mp4", clip.read_bytes()), "video_url"))
     assert "takes no video" in assert_openai_error(r)["message"] and "/tmp" not in r.text
-    assert decoy.hits == []
+    assert decoy.hits[before:] == []
 
 
 def test_media_bombs(server, client, baseline, tmp_path):
@@ -396,9 +402,9 @@ def test_slowloris_does_not_starve(server, client, baseline):
             break
     t = time.perf_counter()
     with httpx.Client(base_url=server[0], headers=AUTH, timeout=30) as fresh:
-        r = fresh.post("/v1/chat/completions", json=GOOD)
+        answer = good_answer(fresh)
     dt = time.perf_counter() - t
-    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == baseline
+    assert answer == baseline
     assert dt < 5, dt
     deadline, closed = time.time() + 5, 0
     for s in socks:
@@ -424,7 +430,10 @@ def test_client_leaving_stops_decoding(server, client):
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS[0]}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode()
     s = raw_socket(server, head)
-    time.sleep(min(0.3, full / 4))
+    for _ in range(200):  # wait (at most 2 s) until it decodes, then leave
+        if client.get("/health").json()["active"] == 1:
+            break
+        time.sleep(0.01)
     s.close()
     t = time.perf_counter()
     for _ in range(200):
@@ -435,7 +444,7 @@ def test_client_leaving_stops_decoding(server, client):
     idle = time.perf_counter() - t
     print(f"1900 tokens take {full:.2f} s; idle {idle:.3f} s after the client left")
     assert h["active"] == 0 and idle < max(0.5, full / 3), (idle, full)
-    record(server, "non-streamed client leaves after 0.3 s", f"batch empty {idle:.2f} s later "
+    record(server, "non-streamed client leaves while decoding", f"batch empty {idle:.2f} s later "
            f"(full run {full:.1f} s)", idle)
 
 
@@ -452,12 +461,12 @@ def test_cache_isolation_across_keys(server, baseline):
         assert r.status_code == 200, r.text
         return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
 
-    cached(KEYS[0], "7391")
-    right, wrong = cached(KEYS[1], "7391"), cached(KEYS[2], "0000")
+    cached(KEYS[0], "7391", salt="x")
+    right, wrong = cached(KEYS[1], "7391", salt="x"), cached(KEYS[2], "0000", salt="x")
     assert right == wrong, (right, wrong)
-    salted_right, salted_wrong = cached(KEYS[0], "7391", salt="s1"), cached(KEYS[0], "0000", salt="s2")
+    salted_right, salted_wrong = cached(KEYS[0], "7391", salt="y"), cached(KEYS[0], "0000", salt="z")
     assert salted_right == salted_wrong
-    own = cached(KEYS[0], "7391")
+    own = cached(KEYS[0], "7391", salt="x")
     assert own > right + 10, (own, right)
     record(server, "cache probe across keys / cache_salt", f"cached_tokens right {right} = wrong {wrong}; "
            f"salted {salted_right} = {salted_wrong}; own {own}", 0.0)
@@ -470,7 +479,7 @@ def test_health_and_docs_without_key(server, client):
         assert_openai_error(httpx.get(f"{server[0]}{path}"), 404)
     assert_openai_error(httpx.get(f"{server[0]}/v1/models"), 401)
     assert_openai_error(httpx.post(f"{server[0]}/v1/chat/completions", json=GOOD,
-                                   headers={"Authorization": "Bearer key-alice "}), 401)
+                                   headers={"Authorization": "Bearer key-alic"}), 401)
 
 
 def test_same_answer_afterwards_and_table(server, client, baseline):
