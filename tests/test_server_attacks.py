@@ -33,7 +33,7 @@ class Decoy:
     /img.png), /slow (a PNG trickled one byte every 0.2 s)."""
 
     def __init__(self, host="127.0.0.1"):
-        self.hits, png = [], io.BytesIO()
+        self.hits, self.slow_ended, png = [], [], io.BytesIO()
         Image.new("RGB", (32, 24), (200, 30, 30)).save(png, "PNG")
         self.png = png.getvalue()
         decoy = self
@@ -57,6 +57,7 @@ class Decoy:
                             time.sleep(0.2)
                     except OSError:  # the client left: what the test wants
                         pass
+                    decoy.slow_ended.append(time.perf_counter())
                 else:
                     self.wfile.write(decoy.png)
 
@@ -212,11 +213,12 @@ def test_redirect_is_checked_on_every_hop(monkeypatch):
 def test_private_networks_flag_and_domains(tiny_idefics3, tmp_path, decoy):
     """--allow-private-networks reaches the decoy (once); --allowed-media-domains refuses other
     hosts, also behind a redirect; the whole download has one deadline."""
-    args = ["--allow-private-networks", "--allowed-media-domains", "localhost", "--remote-timeout", "1.5",
+    args = ["--allow-private-networks", "--allowed-media-domains", "localhost", "--remote-timeout", "3",
             "--default-max-tokens", "2", "--log-level", "warning"]
-    with serve_process(tiny_idefics3, tmp_path / "server.log", *args) as (url, pid), \
+    with serve_process(tiny_idefics3, tmp_path / "server.log", *args) as (url, proc), \
             httpx.Client(base_url=url, timeout=30) as c:
         p, before = decoy.port, len(decoy.hits)
+        assert not decoy.slow_ended
         r, _ = chat(c, media(f"http://localhost:{p}/img.png"))
         assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 20, r.text
         assert decoy.hits[before:] == ["/img.png"]
@@ -226,10 +228,33 @@ def test_private_networks_flag_and_domains(tiny_idefics3, tmp_path, decoy):
         assert_openai_error(r)
         r, dt = chat(c, media(f"http://localhost:{p}/slow"))  # one byte every 0.2 s
         assert assert_openai_error(r)["message"] == GENERIC_FETCH_ERROR
-        assert 1.4 < dt < 3.5, dt
-        assert decoy.hits[before:] == ["/img.png", "/redirect", "/slow"]
-        RESULTS.append(("trickling download (1 B / 0.2 s), --remote-timeout 1.5", "400 after the one deadline",
-                        dt, *rss_mb(pid.pid)))
+        assert 2.9 < dt < 5, dt
+        RESULTS.append(("trickling download (1 B / 0.2 s), --remote-timeout 3", "400 after the one deadline",
+                        dt, *rss_mb(proc.pid)))
+        for _ in range(100):  # the decoy sees the first download's socket closed (at most 2 s)
+            if decoy.slow_ended:
+                break
+            time.sleep(0.02)
+        # a client that leaves ends the download with it
+        body = json.dumps(media(f"http://localhost:{p}/slow"))
+        s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        for _ in range(100):  # at most 2 s until the download runs
+            if decoy.hits[-1:] == ["/slow"] and len(decoy.hits) == before + 4:
+                break
+            time.sleep(0.02)
+        time.sleep(0.3)
+        s.close()
+        left, ended = time.perf_counter(), len(decoy.slow_ended)
+        for _ in range(150):  # the decoy notices a closed socket at its next write (0.2 s)
+            if len(decoy.slow_ended) > ended:
+                break
+            time.sleep(0.02)
+        gone = decoy.slow_ended[-1] - left
+        assert len(decoy.slow_ended) > ended and gone < 1.0, gone
+        assert decoy.hits[before:] == ["/img.png", "/redirect", "/slow", "/slow"]
+        RESULTS.append(("client leaves during a trickling download", "download closed", gone, *rss_mb(proc.pid)))
 
 
 def test_containers_that_read_other_files(server, client, tmp_path, decoy):
