@@ -7,10 +7,29 @@ processor) runs in a small thread pool of its own, never on the event loop.
 """
 
 import asyncio
+import ctypes
+import ctypes.util
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+MALLOC_TRIM = _malloc_trim()
+
+
+def release_heap():
+    """Give freed heap pages back to the OS: decoded images leave the decode threads' malloc
+    arenas full of free memory that glibc would otherwise keep (RSS held after a burst)."""
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)
 
 
 class Busy(Exception):
@@ -27,6 +46,8 @@ class Admission:
         self.max_requests, self.max_per_key, self.retry_after = max_requests, max_per_key, retry_after
         self.held: Counter = Counter()
         self.pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="mlx-smolvlm-decode")
+        # Requests whose media are being decoded: the others wait with their media still compressed.
+        self.decoding = asyncio.Semaphore(decode_workers)
 
     @property
     def total(self) -> int:

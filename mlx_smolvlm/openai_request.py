@@ -69,6 +69,13 @@ class ChatRequest:
     cache_salt: str | None = None
     temp_files: list = field(default_factory=list)  # videos written for the processor
 
+    async def decode(self, limits: Limits, run=None):
+        try:
+            await decode_media(self.messages, limits, self.temp_files, run)
+        except BaseException:
+            self.cleanup()
+            raise
+
     def scrub(self, message: str) -> str:
         """`message` without the server's temp file paths."""
         for i, f in enumerate(self.temp_files):
@@ -227,10 +234,9 @@ def _parts(messages) -> list:
     return out
 
 
-async def parse_messages(messages, limits: Limits, temp_files: list, run=None) -> list:
-    """OpenAI messages -> the processor's (transformers') format, media fetched and decoded.
-    `run(fn, *args)` runs the decoding off the event loop (the server's decode pool)."""
-    run = run or _inline
+async def parse_messages(messages, limits: Limits) -> list:
+    """OpenAI messages -> the processor's (transformers') format with media fetched but not
+    decoded yet: each media part holds its bytes until `decode_media`."""
     structure = _parts(messages)
     media = [p for _, parts in structure for p in parts if p[0] != "text"]
     if len(media) > limits.max_images:
@@ -246,15 +252,23 @@ async def parse_messages(messages, limits: Limits, temp_files: list, run=None) -
         for kind, value, param in parts:
             if kind == "text":
                 converted.append({"type": "text", "text": value})
-                continue
-            data = await _fetch(value, limits, param)
-            if kind == "image_url":
-                converted.append({"type": "image", "image": await run(_image, data, limits, param)})
             else:
-                path = await run(_video, data, limits, param, temp_files)
-                converted.append({"type": "video", "path": path})
+                converted.append({"type": kind, "data": await _fetch(value, limits, param), "param": param})
         out.append({"role": role, "content": converted})
     return out
+
+
+async def decode_media(messages: list, limits: Limits, temp_files: list, run=None):
+    """Decode the media parts of `parse_messages`' output in place (images to PIL, videos to
+    checked temp files). `run(fn, *args)` runs the work off the event loop."""
+    run = run or _inline
+    for m in messages:
+        for i, part in enumerate(m["content"]):
+            if part["type"] == "image_url":
+                m["content"][i] = {"type": "image", "image": await run(_image, part["data"], limits, part["param"])}
+            elif part["type"] == "video_url":
+                path = await run(_video, part["data"], limits, part["param"], temp_files)
+                m["content"][i] = {"type": "video", "path": path}
 
 
 async def _inline(fn, *args):
@@ -270,7 +284,9 @@ def _flag(body: dict, name: str, default: bool = False) -> bool:
     return v
 
 
-async def parse_chat(body, limits: Limits, run=None) -> ChatRequest:
+async def parse_chat(body, limits: Limits, decode: bool = True) -> ChatRequest:
+    """The request checked, its media fetched and (with `decode`) decoded: else the caller
+    runs `req.decode(...)`, e.g. in a bounded pool."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     params = sampling_params(body, limits)
@@ -284,7 +300,9 @@ async def parse_chat(body, limits: Limits, run=None) -> ChatRequest:
         raise RequestError("cache_salt must be a string of 1 to 256 characters", "cache_salt")
     req = ChatRequest([], params, _flag(body, "stream"), _flag(options or {}, "include_usage"), salt)
     try:
-        req.messages = await parse_messages(body.get("messages"), limits, req.temp_files, run)
+        req.messages = await parse_messages(body.get("messages"), limits)
+        if decode:
+            await req.decode(limits)
     except BaseException:
         req.cleanup()
         raise

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .admission import Admission, Busy
+from .admission import Admission, Busy, release_heap
 from .batch import BatchEngine, Event
 from .generation import text_config
 from .openai_request import USER_FAULTS, ChatRequest, Limits, RequestError, parse_chat
@@ -209,12 +209,19 @@ def create_app(engine: BatchEngine, model_id: str, limits: Limits | None = None,
         try:
             body = await read_json(request)
             watcher = watch_disconnect(request)
-            req = await parse_chat(body, limits, admission.run)
+            req = await parse_chat(body, limits, decode=False)
+            async with admission.decoding:  # decoded media of only a few requests held at once
+                await req.decode(limits, admission.run)
+                try:
+                    inputs = await admission.run(engine.processor, req.messages, **controls)
+                except USER_FAULTS as e:  # media the model cannot take
+                    raise RequestError(req.scrub(str(e)), "messages") from None
+                req.messages = None  # the decoded images: inputs hold their pixels now
+                await admission.run(release_heap)
             try:
-                inputs = await admission.run(engine.processor, req.messages, **controls)
                 seq, queue = runner.submit(inputs, req.params, partition(tenant, req.cache_salt))
-            except USER_FAULTS as e:  # media the model cannot take, a prompt beyond the context
-                raise RequestError(req.scrub(str(e)), "messages") from None
+            except USER_FAULTS as e:  # a prompt beyond the context
+                raise RequestError(str(e), "messages") from None
             head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
             if req.stream:
                 watcher.cancel()  # the streaming response watches the client itself

@@ -509,6 +509,8 @@ def test_health_and_docs_without_key(server, client):
 
 def test_same_answer_afterwards_and_table(server, client, baseline):
     assert good_answer(client) == baseline
+    h = client.get("/health").json()
+    assert h["requests"] == 0 and h["active"] == 0, h  # no admission slot or sequence leaked
     rss, peak = rss_mb(server[1])
     print(f"\nserver RSS after all attacks: {rss:.0f} MB (peak {peak:.0f} MB)")
     print("| attack | result | time (s) | RSS after (MB) | peak RSS (MB) |\n|---|---|---|---|---|")
