@@ -24,6 +24,11 @@ class MediaBudget:
     max_video_seconds: float = 600.0
     max_video_frame_pixels: int = 3840 * 2160
     max_video_decode_pixels: int = 2**31  # frames x width x height of one video
+    # Sampled frames x width x height: each sampled frame is resized at full size (seconds
+    # per 4K frame on a CPU). 64 frames of 1920x1088 fit.
+    max_video_sample_pixels: int = 64 * 1920 * 1088
+    fps: float = 1.0  # the processor's frame sampling, to count the sampled frames
+    max_frames: int = 64
 
 
 def image_size(data: bytes, budget: MediaBudget) -> tuple[int, int]:
@@ -59,12 +64,18 @@ def check_video(path: str, budget: MediaBudget) -> dict:
     finally:
         container.close()
     info = {"format": container.format.name, "width": w, "height": h, "frames": frames, "seconds": seconds}
+    if budget.fps <= 0 or budget.max_frames <= 0:
+        raise MediaRefused("video sampling is not configured")
     if w <= 0 or h <= 0 or rate <= 0:
         raise MediaRefused("the video stream has no frame size or frame rate")
     if w * h > budget.max_video_frame_pixels:
         raise MediaRefused(f"video frames of {w}x{h} are over the limit of {budget.max_video_frame_pixels} pixels")
     if seconds > budget.max_video_seconds:
         raise MediaRefused(f"video of {seconds:.0f} s is over the limit of {budget.max_video_seconds:g} s")
+    sampled = min(max(round(budget.fps * seconds), 1), budget.max_frames, frames)
+    if sampled * w * h > budget.max_video_sample_pixels:
+        raise MediaRefused(f"{sampled} sampled frames of {w}x{h} are over the budget of "
+                           f"{budget.max_video_sample_pixels} pixels")
     if frames * w * h > budget.max_video_decode_pixels:
         raise MediaRefused(f"video of {frames} frames of {w}x{h} is over the decode budget of "
                            f"{budget.max_video_decode_pixels} pixels")

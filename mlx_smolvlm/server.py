@@ -100,6 +100,9 @@ def create_app(engine: BatchEngine, model_id: str, limits: Limits | None = None,
     admission = admission or Admission(engine.max_batch + 64, engine.max_batch if tenants.required else None)
     runner = EngineThread(engine)
     tokenizer = engine.processor.tokenizer
+    video = getattr(engine.processor, "video_options", None)
+    if video is not None:  # count sampled frames as the processor will sample them
+        limits.video_fps, limits.video_max_frames = video.fps, video.max_frames
     if limits.max_prompt_chars is None:
         limits.max_prompt_chars = text_config(engine.model).max_position_embeddings * _max_token_chars(tokenizer)
 
@@ -321,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-video-frame-pixels", type=int, default=d.max_video_frame_pixels)
     p.add_argument("--max-video-decode-pixels", type=int, default=d.max_video_decode_pixels,
                    help="frames x width x height of one video, from its metadata before decoding")
+    p.add_argument("--max-video-sample-pixels", type=int, default=d.max_video_sample_pixels,
+                   help="sampled frames x width x height of one video (each is resized at full size)")
     p.add_argument("--no-remote-media", action="store_true", help="refuse http(s) image and video URLs")
     p.add_argument("--remote-timeout", type=float, default=d.remote_timeout,
                    help="seconds for a whole media download, redirects included")
@@ -374,6 +379,7 @@ def main(argv=None):
         allowed_media_domains=domains, max_video_seconds=args.max_video_seconds,
         max_video_frame_pixels=args.max_video_frame_pixels,
         max_video_decode_pixels=args.max_video_decode_pixels, body_timeout=args.body_timeout,
+        max_video_sample_pixels=args.max_video_sample_pixels,
     )
     per_key = args.max_concurrent_per_key or (args.max_batch if keys else None)
     admission = Admission(args.max_batch + args.max_queue, per_key, args.decode_workers)
