@@ -3,8 +3,11 @@
     python -m mlx_smolvlm.server --model HuggingFaceTB/SmolVLM-256M-Instruct [--port 8080]
 
 POST /v1/chat/completions (streamed as server-sent events or not), GET /v1/models,
-GET /health (batch, cache hit counts, memory). One thread owns the model and runs
-BatchEngine.step in a loop; requests join its running batch as they arrive.
+GET /health (without a key only "ok"; with one: batch, cache hit counts, memory). One
+thread owns the model and runs BatchEngine.step in a loop; requests join its running batch
+as they arrive. Hardening lives beside it: media_fetch.py (SSRF-checked downloads),
+media_admission.py (image and video budgets, container allow-list), admission.py (429s,
+the decode pool), tenancy.py (API keys, cache partitions), http_guard.py (slowloris).
 """
 
 import argparse
