@@ -106,8 +106,11 @@ def create_app(engine: BatchEngine, model_id: str, limits: Limits | None = None,
     video = getattr(engine.processor, "video_options", None)
     if video is not None:  # count sampled frames as the processor will sample them
         limits.video_fps, limits.video_max_frames = video.fps, video.max_frames
+    context = text_config(engine.model).max_position_embeddings
     if limits.max_prompt_chars is None:
-        limits.max_prompt_chars = text_config(engine.model).max_position_embeddings * _max_token_chars(tokenizer)
+        limits.max_prompt_chars = context * _max_token_chars(tokenizer)
+    if limits.max_prompt_tokens is None:
+        limits.max_prompt_tokens = context
 
     @asynccontextmanager
     async def lifespan(app):

@@ -330,6 +330,8 @@ MALFORMED = [
     ("part not an object", None, {"messages": [{"role": "user", "content": ["hi"]}]}),
     ("stream a string", None, {**GOOD, "stream": "yes"}),
     ("cache_salt an object", None, {**GOOD, "cache_salt": {"a": 1}}),
+    ("100k empty messages", None, {"messages": [{"role": "user", "content": ""}] * 100_000}),
+    ("100k empty parts", None, {"messages": [{"role": "user", "content": [{"type": "text", "text": ""}] * 100_000}]}),
 ]
 
 
