@@ -475,7 +475,7 @@ def test_client_leaving_stops_decoding(server, client):
         time.sleep(0.01)
     idle = time.perf_counter() - t
     print(f"1900 tokens take {full:.2f} s; idle {idle:.3f} s after the client left")
-    assert h["active"] == 0 and idle < max(0.5, full / 3), (idle, full)
+    assert h["active"] == 0 and idle < full / 3, (idle, full)
     record(server, "non-streamed client leaves while decoding", f"batch empty {idle:.2f} s later "
            f"(full run {full:.1f} s)", idle)
 
