@@ -14,6 +14,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 WEIGHTS, CONFIG = "adapters.safetensors", "adapter_config.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _atomic(path: Path, write):
@@ -22,6 +24,7 @@ def _atomic(path: Path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the final file is not
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -94,7 +94,7 @@ def row_messages(row: dict, where: str, base: Path) -> list[dict]:
             raise DatasetError(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
     if not any(m["role"] == "assistant" for m in messages):
         raise DatasetError(f"{where}: no assistant turn to learn from")
-    _place_images(messages, [_media(i, base) for i in images], where)
+    _place_images(messages, images, where)
     for m in messages:
         for p in m["content"]:
             kind = p.get("type")
