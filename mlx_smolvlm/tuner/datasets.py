@@ -307,6 +307,7 @@ class Batch:
     labels: mx.array  # (B, L): the token where it is a loss target, else -100 (transformers')
     pixel_values: mx.array | None  # (B, N, C, H, W), zero-padded images are dropped by the model
     pixel_attention_mask: mx.array | None
+    lengths: list  # real (unpadded) length of each row
 
     @property
     def tokens(self) -> int:
@@ -337,7 +338,7 @@ def collate(samples: list[Sample], pad_id: int = 0) -> Batch:
                 pv[i, :n, :, :h, :w] = s.pixel_values
                 pam[i, :n, :h, :w] = s.pixel_attention_mask
         pv, pam = mx.array(pv), mx.array(pam)
-    return Batch(mx.array(ids), mx.array(labels), pv, pam)
+    return Batch(mx.array(ids), mx.array(labels), pv, pam, [len(s) for s in samples])
 
 
 def iterate_batches(dataset, batch_size: int, train: bool = False, pad_id: int = 0, seed: int = 0):
