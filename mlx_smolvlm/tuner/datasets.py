@@ -308,10 +308,7 @@ class Batch:
     pixel_values: mx.array | None  # (B, N, C, H, W), zero-padded images are dropped by the model
     pixel_attention_mask: mx.array | None
     lengths: list  # real (unpadded) length of each row
-
-    @property
-    def tokens(self) -> int:
-        return int((self.labels[:, 1:] != -100).sum().item())
+    targets: mx.array  # (T,) flat positions b * L + t whose next token is a loss target
 
 
 def collate(samples: list[Sample], pad_id: int = 0) -> Batch:
@@ -338,7 +335,11 @@ def collate(samples: list[Sample], pad_id: int = 0) -> Batch:
                 pv[i, :n, :, :h, :w] = s.pixel_values
                 pam[i, :n, :h, :w] = s.pixel_attention_mask
         pv, pam = mx.array(pv), mx.array(pam)
-    return Batch(mx.array(ids), mx.array(labels), pv, pam, [len(s) for s in samples])
+    # computed here, on the host, so the loss gathers its rows without a sync in the graph
+    targets = np.flatnonzero(labels[:, 1:] != -100)
+    targets = (targets // (L - 1)) * L + targets % (L - 1)
+    return Batch(mx.array(ids), mx.array(labels), pv, pam, [len(s) for s in samples],
+                 mx.array(targets.astype(np.int32)))
 
 
 def iterate_batches(dataset, batch_size: int, train: bool = False, pad_id: int = 0, seed: int = 0):
