@@ -27,7 +27,7 @@ import mlx.core as mx
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "scripts")]
 from make_generate_golden import gguf_path  # noqa: E402
 
-from mlx_smolvlm.generation import load, stream_generate  # noqa: E402
+from mlx_smolvlm.generate import load, stream_generate  # noqa: E402
 from mlx_smolvlm.loading import dequantize_model  # noqa: E402
 from mlx_smolvlm.speculative import DraftModel, PromptLookup  # noqa: E402
 

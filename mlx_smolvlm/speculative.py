@@ -22,8 +22,9 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 
-from .cache import KVCache, make_prompt_cache
-from .generation import prefill
+from .errors import InvalidRequestError
+from .generate import prefill
+from .models.cache import KVCache, make_prompt_cache
 from .sample_utils import categorical, filtered_logits, greedy
 
 
@@ -41,7 +42,7 @@ def target_distribution(sampler: Callable | None) -> Callable | None:
     if isinstance(sampler, partial) and sampler.func is categorical:
         f = partial(filtered_logits, **sampler.keywords)
         return lambda lp: (x := f(lp)) - mx.logsumexp(x, axis=-1, keepdims=True)
-    raise ValueError("speculative decoding needs a sampler made by make_sampler")
+    raise InvalidRequestError("speculative decoding needs a sampler made by make_sampler")
 
 
 class PromptLookup:
@@ -51,7 +52,7 @@ class PromptLookup:
 
     def __init__(self, num_draft_tokens: int = 10, ngram_size: int = 3):
         if num_draft_tokens < 1 or ngram_size < 1:
-            raise ValueError(f"prompt lookup needs >= 1 draft tokens and n-gram size, got "
+            raise InvalidRequestError(f"prompt lookup needs >= 1 draft tokens and n-gram size, got "
                              f"{num_draft_tokens} and {ngram_size}")
         self.num_draft_tokens, self.ngram_size = num_draft_tokens, ngram_size
 
@@ -78,14 +79,14 @@ class DraftModel:
 
     def __init__(self, model, processor, num_draft_tokens: int = 3):
         if num_draft_tokens < 1:
-            raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+            raise InvalidRequestError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
         self.model, self.processor, self.num_draft_tokens = model, processor, num_draft_tokens
         self._checked = None
 
     def begin(self, processor, prompt, images, controls):
         if self._checked is not processor.tokenizer:
             if processor.tokenizer.vocab != self.processor.tokenizer.vocab:
-                raise ValueError("the draft model's tokenizer differs from the model's: "
+                raise InvalidRequestError("the draft model's tokenizer differs from the model's: "
                                  "a draft must share the vocabulary")
             self._checked = processor.tokenizer
         inputs = self.processor(prompt, images=images, **controls)

@@ -19,9 +19,10 @@ import pytest
 from make_generate_golden import gguf_path, tiny_folder, user
 
 from mlx_smolvlm.batch import BatchEngine, SamplingParams, batch_generate
-from mlx_smolvlm.batch_cache import BatchKVCache
-from mlx_smolvlm.generation import load, stream_generate
-from mlx_smolvlm.prompt_cache import PromptCache
+from mlx_smolvlm.models.cache import BatchKVCache
+from mlx_smolvlm.generate import load, stream_generate
+from mlx_smolvlm.chat_cache import ChatCache
+from mlx_smolvlm.errors import InvalidRequestError
 from mlx_smolvlm.sample_utils import make_logits_processors, make_sampler
 from mlx_smolvlm.speculative import DraftModel, PromptLookup, accept_sampled
 
@@ -182,7 +183,7 @@ def test_chat_prompt_cache(models, images):
     turns = [[user("What is in the image?", [images["wide.png"]])], [user("And the colours?")]]
 
     def chat(draft):
-        cache, msgs, out = PromptCache(model), [], []
+        cache, msgs, out = ChatCache(model), [], []
         for turn in turns:
             msgs += turn
             rs = list(stream_generate(model, processor, msgs, max_tokens=12, prompt_cache=cache, draft=draft,
@@ -233,7 +234,7 @@ def test_seeded_sampling_repeats(models, images):
 def test_a_draft_with_another_tokenizer_is_refused(models, images):
     model, processor = models["tiny-idefics3"]
     other = SimpleNamespace(tokenizer=SimpleNamespace(vocab={"a": 0}))
-    with pytest.raises(ValueError, match="tokenizer differs") as e:
+    with pytest.raises(InvalidRequestError, match="tokenizer differs") as e:
         list(stream_generate(model, processor, messages("text", images), draft=DraftModel(model, other)))
     assert "\n" not in str(e.value)
 
