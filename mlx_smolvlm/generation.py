@@ -19,17 +19,25 @@ from .text_stream import TextStream
 from .tokenizer import Tokenizer
 
 
-def load(path_or_repo: str | Path, dtype: mx.Dtype | None = None, lazy: bool = False):
+def load(path_or_repo: str | Path, dtype: mx.Dtype | None = None, lazy: bool = False,
+         adapter_path: str | Path | None = None):
     """Load a model and its processor from a folder, a Hub repo id or a `.gguf` file.
 
     Returns `(model, processor)`. A GGUF file gives a text-only decoder (e.g. SmolLM2).
+    `adapter_path`: a LoRA/DoRA adapter folder (mlx-lm or PEFT layout) applied on top.
     """
     if str(path_or_repo).endswith(".gguf"):
         path = Path(path_or_repo).expanduser()
         model, metadata = load_gguf(path, dtype=dtype, lazy=lazy)
-        return model, text_processor(Tokenizer.from_gguf(path, metadata))
-    path = get_model_path(str(path_or_repo))
-    return load_model(path, dtype=dtype, lazy=lazy), load_processor(path)
+        processor = text_processor(Tokenizer.from_gguf(path, metadata))
+    else:
+        path = get_model_path(str(path_or_repo))
+        model, processor = load_model(path, dtype=dtype, lazy=lazy), load_processor(path)
+    if adapter_path is not None:
+        from .tuner.adapters import load_adapters
+
+        load_adapters(model, adapter_path, dtype)
+    return model, processor
 
 
 def text_config(model):

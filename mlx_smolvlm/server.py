@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import os
+import sys
 import threading
 import time
 import uuid
@@ -209,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="Hub repo id, local folder or .gguf file")
+    p.add_argument("--adapter-path", help="LoRA/DoRA adapter folder (mlx-lm or PEFT layout) to apply")
     p.add_argument("--model-id", help="the name /v1/models reports (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 exposes the server to the network")
     p.add_argument("--port", type=int, default=8080)
@@ -242,7 +244,11 @@ def main(argv=None):
 
     args = build_parser().parse_args(argv)
     dtype = getattr(mx, args.dtype) if args.dtype else None
-    model, processor = load(args.model, dtype=dtype)
+    try:
+        model, processor = load(args.model, dtype=dtype, adapter_path=args.adapter_path)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     engine = BatchEngine(model, processor, max_batch=args.max_batch,
                          prefill_step_size=args.prefill_step_size,
                          feature_cache_tiles=args.feature_cache_tiles,
@@ -260,4 +266,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -175,11 +175,14 @@ def detect_format(path: str | Path) -> str:
     return fmt
 
 
-def _read(path: Path) -> dict:
+def _read(path: Path, dtype: mx.Dtype | None = None) -> dict:
     try:
-        return mx.load(str(path))
+        weights = mx.load(str(path))
     except Exception as e:  # mx.load raises bare RuntimeErrors on damaged files
         raise AdapterError(f"cannot read {path}: {e}") from None
+    if dtype is None:
+        return weights
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
 
 
 def _pattern_value(patterns: dict, path: str, default):
@@ -190,7 +193,7 @@ def _pattern_value(patterns: dict, path: str, default):
     return default
 
 
-def _from_peft(folder: Path, cfg: dict) -> tuple[dict, dict, dict]:
+def _from_peft(folder: Path, cfg: dict, dtype=None) -> tuple[dict, dict, dict]:
     """PEFT tensors -> ({path: {lora_a, lora_b[, m]}}, {path: scale}, our adapter config)."""
     if cfg.get("peft_type") != "LORA":
         raise AdapterError(f"{folder}: PEFT type {cfg.get('peft_type')!r} is not supported (LORA only)")
@@ -199,7 +202,7 @@ def _from_peft(folder: Path, cfg: dict) -> tuple[dict, dict, dict]:
             raise AdapterError(f"{folder}: PEFT option {key}={cfg[key]!r} is not supported")
     tensors = {}
     names = {v: k for k, v in PEFT_NAMES.items()}
-    for key, v in _read(folder / PEFT_WEIGHTS).items():
+    for key, v in _read(folder / PEFT_WEIGHTS, dtype).items():
         stem = key.removeprefix(PEFT_PREFIX)
         name = next((n for n in names if stem.endswith("." + n)), None)
         if name is None:
@@ -219,9 +222,9 @@ def _from_peft(folder: Path, cfg: dict) -> tuple[dict, dict, dict]:
     return tensors, scales, ours
 
 
-def _from_mlx(folder: Path, cfg: dict) -> tuple[dict, dict]:
+def _from_mlx(folder: Path, cfg: dict, dtype=None) -> tuple[dict, dict]:
     tensors = {}
-    for key, v in _read(folder / MLX_WEIGHTS).items():
+    for key, v in _read(folder / MLX_WEIGHTS, dtype).items():
         path, _, name = key.rpartition(".")
         if name not in PEFT_NAMES:
             raise AdapterError(f"{folder / MLX_WEIGHTS}: tensor {key!r} is not a LoRA/DoRA weight")
@@ -264,16 +267,16 @@ def attach(model: nn.Module, tensors: dict, scales: dict, dropout: float = 0.0, 
     model.update_modules(tree_unflatten(updates))
 
 
-def load_adapters(model: nn.Module, path: str | Path) -> dict:
+def load_adapters(model: nn.Module, path: str | Path, dtype: mx.Dtype | None = None) -> dict:
     """Attach the adapter in folder `path` (mlx-lm or PEFT layout) to `model` in place; return
-    its config in mlx-lm's form."""
+    its config in mlx-lm's form. `dtype` casts the adapter's tensors (as the model's were)."""
     folder = Path(path).expanduser()
     fmt = detect_format(folder)
     cfg = json.loads((folder / CONFIG).read_text())
     if fmt == "peft":
-        tensors, scales, cfg = _from_peft(folder, cfg)
+        tensors, scales, cfg = _from_peft(folder, cfg, dtype)
     elif cfg.get("fine_tune_type") == "full":
-        weights = _read(folder / MLX_WEIGHTS)
+        weights = _read(folder / MLX_WEIGHTS, dtype)
         expected = dict(tree_flatten(model.parameters()))
         bad = [k for k, v in weights.items() if k not in expected or expected[k].shape != v.shape]
         if bad:
@@ -281,7 +284,7 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict:
         model.load_weights(list(weights.items()), strict=False)
         return cfg
     else:
-        tensors, scales = _from_mlx(folder, cfg)
+        tensors, scales = _from_mlx(folder, cfg, dtype)
     dropout = (cfg.get("lora_parameters") or {}).get("dropout", 0.0)
     attach(model, tensors, scales, dropout, where=str(folder))
     return cfg
