@@ -227,11 +227,14 @@ class Processor:
     def _image_prompt(self, plan):
         return image_prompt(plan.rows, plan.cols, self.image_seq_len, **self.image_tokens)
 
-    def __call__(self, messages, images=None, add_generation_prompt=True, videos=None, **controls):
+    def __call__(self, messages, images=None, add_generation_prompt=True, videos=None,
+                 return_pieces=False, **controls):
         """Model inputs as numpy arrays (batch of 1): input_ids, attention_mask and, with images
         or videos, pixel_values and pixel_attention_mask (tiles and frames in prompt order).
         `controls`: do_image_splitting, max_tiles, longest_edge; for videos fps, max_frames,
-        skip_secs, frame_size (all off by default)."""
+        skip_secs, frame_size (all off by default). `return_pieces` adds "prompt_pieces": the
+        prompt's text between placeholders at even indices, each placeholder's expansion at odd
+        ones (the fine-tuning mask maps chat-template spans through them)."""
         prompt, sources = self._prompt_and_images(messages, images, add_generation_prompt)
         self._check_counts(prompt, sources)
         video_controls = {k: controls.pop(k) for k in VIDEO_CONTROLS if k in controls}
@@ -240,7 +243,7 @@ class Processor:
         # frames smaller than the image tiles are padded to them and cost a tile's tokens
         side = self.image_processor.tile_size if sources else 0
         media = self._videos(prompt, videos or [], video_controls, side)
-        out = {}
+        out, pieces = {}, [prompt]
         if sources:
             pil = [load_image(s, self.timeout) for s in sources]
             pixel_values, mask, plans = self.image_processor(pil, **controls)
@@ -250,8 +253,11 @@ class Processor:
                 for p, a, b in zip(plans, tiles, tiles[1:])
             ]
         if media["image"] or media["video"]:
-            prompt, pixel_values, mask = self._expand(prompt, media)
+            pieces, pixel_values, mask = self._expand(prompt, media)
+            prompt = "".join(pieces)
             out = {"pixel_values": pixel_values, "pixel_attention_mask": mask}
+        if return_pieces:
+            out["prompt_pieces"] = pieces
         # chat-template output already holds its special tokens, as transformers assumes
         ids = self.tokenizer.encode(prompt, add_special_tokens=isinstance(messages, str))
         input_ids = np.array([ids], dtype=np.int64)
@@ -301,8 +307,8 @@ class Processor:
         return options, block
 
     def _expand(self, prompt, media):
-        """Replace `<image>` / `<video>` in prompt order; stack their tiles and frames,
-        zero-padded to a common size as the reference pads a batch."""
+        """Replace `<image>` / `<video>` in prompt order (returned as the new prompt's pieces);
+        stack their tiles and frames, zero-padded to a common size as the reference pads a batch."""
         pattern = f"({re.escape(self.image_token)}|{re.escape(VIDEO_TOKEN)})"
         queues = {self.image_token: iter(media["image"]), VIDEO_TOKEN: iter(media["video"])}
         text, pixels, masks = [], [], []
@@ -322,7 +328,7 @@ class Processor:
             pixel_values[0, i : i + len(p), :, : p.shape[2], : p.shape[3]] = p
             mask[0, i : i + len(p), : m.shape[1], : m.shape[2]] = m
             i += len(p)
-        return "".join(text), pixel_values, mask
+        return text, pixel_values, mask
 
 
 def load_processor(path, timeout=URL_TIMEOUT):

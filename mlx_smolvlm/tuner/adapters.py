@@ -60,6 +60,10 @@ def adapter_weights(model: nn.Module, fine_tune_type: str = "lora") -> dict:
     return out
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic(path: Path, write):
     """Call write(tmp) for a temporary file beside `path`, then move it into place."""
     # The temporary name keeps the suffix: mx.save_safetensors appends one to a name without it.
@@ -67,6 +71,7 @@ def _atomic(path: Path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the final file is not
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -130,10 +135,12 @@ def to_peft(weights: dict) -> dict:
     return out
 
 
-def save_adapters(model: nn.Module, path: str | Path, config: dict, fmt: str = "mlx") -> Path:
+def save_adapters(model: nn.Module, path: str | Path, config: dict, fmt: str = "mlx",
+                  weights_file: str | None = None) -> Path:
     """Write the adapter of `model` to the folder `path` in mlx-lm's ("mlx") or PEFT's ("peft")
     layout. `config` is the mlx-lm adapter_config.json (fine_tune_type, num_layers,
-    lora_parameters, train_vision, train_connector, base_model)."""
+    lora_parameters, train_vision, train_connector, base_model). `weights_file` names the
+    mlx-layout weights (numbered checkpoints)."""
     if fmt not in ("mlx", "peft"):
         raise AdapterError(f"unknown adapter format {fmt!r} (choose mlx or peft)")
     folder = Path(path)
@@ -148,7 +155,7 @@ def save_adapters(model: nn.Module, path: str | Path, config: dict, fmt: str = "
             lp = cfg["lora_parameters"] = dict(cfg["lora_parameters"])
             if lp.get("alpha") is not None:
                 lp["scale"] = lp["alpha"] / lp["rank"]
-        _write_safetensors(folder / MLX_WEIGHTS, weights, "mlx")
+        _write_safetensors(folder / (weights_file or MLX_WEIGHTS), weights, "mlx")
     _write_json(folder / CONFIG, cfg)
     return folder
 
