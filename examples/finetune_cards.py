@@ -91,7 +91,8 @@ def main(argv=None):
     plot(losses, figures / "finetune_loss.png")
     print(f"\n{'card':6} | {'expected':28} | {'before':30} | {'adapter':28} | {'fused':28} | 8-bit")
     for (name, *_, expected), b, x, f, q in zip(CARDS, before, after, from_fused, from_q8):
-        print(f"{name:6} | {expected:28} | {b[:30]:30} | {x:28} | {f:28} | {q}")
+        b = " ".join(b.split())[:30]
+        print(f"{name:6} | {expected:28} | {b:30} | {x:28} | {f:28} | {q}")
     result = {"expected": [c[-1] for c in CARDS], "before": before, "adapter": after, "fused": from_fused,
               "8bit": from_q8, "losses": losses}
     (work / "result.json").write_text(json.dumps(result, indent=2))
