@@ -6,7 +6,7 @@ Row formats (one JSON object per line of `train.jsonl` / `valid.jsonl` / `test.j
   - ours (transformers' message format): parts {"type": "image" | "video", "path" | "image" |
     "video" | "url": ...} inline, {"type": "text", "text": ...}; paths relative to the file.
   - The Cauldron's: {"images": [...], "texts": [{"user": ..., "assistant": ...}, ...]}.
-  - a `datasets` folder (`save_to_disk`) or parquet files, when `datasets` / `pyarrow` are there.
+  - a `datasets` folder (`save_to_disk`) or parquet files, read with pyarrow when it is installed.
 
 The loss covers the assistant turns only: each turn's span is where the model's own chat template
 renders it, read by rendering the conversation up to the turn with and without it.
@@ -210,16 +210,22 @@ def fit_length(sample: Sample, max_len: int, image_token_id: int) -> Sample | No
 # ---------------------------------------------------------------- files
 
 
+def _pyarrow(path):
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise DatasetError(f"{path}: reading parquet / datasets folders needs pyarrow "
+                           "(pip install pyarrow)") from None
+    return pyarrow
+
+
 def read_rows(path: Path):
     """(where, row, base folder) for each row of a JSONL or parquet file."""
     path = Path(path)
     if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DatasetError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path}:row {i + 1}", row, path.parent
+        rows = _pyarrow(path).parquet.read_table(path).to_pylist()
+        yield from ((f"{path}:row {i + 1}", row, path.parent) for i, row in enumerate(rows))
         return
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -232,26 +238,22 @@ def read_rows(path: Path):
             yield f"{path}:{n}", row, path.parent
 
 
-def _datasets_folder(path: Path, split: str):
-    """Rows of a `datasets.save_to_disk` folder's split (None when that split is absent)."""
-    try:
-        import datasets
-    except ImportError:
-        raise DatasetError(f"{path}: a datasets folder needs `datasets` (pip install datasets)") from None
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        name = {"valid": "validation"}.get(split, split)
-        ds = ds.get(split, ds.get(name))
-    elif split != "train":
-        return None
-    if ds is None:
-        return None
-    return ((f"{path}[{split}]:row {i + 1}", row, path) for i, row in enumerate(ds))
+def _arrow_folder(folder: Path):
+    """Rows of one `datasets.Dataset.save_to_disk` folder: Arrow stream files listed in its
+    state.json (read with pyarrow alone; `datasets` is not needed). Images come as
+    {"bytes", "path"} structs, datasets' Image feature."""
+    pa = _pyarrow(folder)
+    state = json.loads((folder / "state.json").read_text())
+    for f in state["_data_files"]:
+        with pa.memory_map(str(folder / f["filename"])) as source:
+            rows = pa.ipc.open_stream(source).read_all().to_pylist()
+        yield from ((f"{folder / f['filename']}:row {i + 1}", row, folder) for i, row in enumerate(rows))
 
 
 def split_rows(data: Path, split: str):
     """Rows of one split of `--data`: {split}.jsonl / {split}.parquet in a folder, a datasets
-    folder, or (train only) a single file. None when the split is absent."""
+    folder (a DatasetDict's `validation` split serves as `valid`), or (train only) a single
+    file or Dataset folder. None when the split is absent."""
     data = Path(data)
     if not data.exists():
         raise DatasetError(f"{data}: no such data file or folder")
@@ -260,8 +262,12 @@ def split_rows(data: Path, split: str):
     for ext in (".jsonl", ".parquet"):
         if (data / f"{split}{ext}").is_file():
             return read_rows(data / f"{split}{ext}")
-    if (data / "dataset_dict.json").is_file() or (data / "dataset_info.json").is_file():
-        return _datasets_folder(data, split)
+    if (data / "dataset_dict.json").is_file():
+        splits = json.loads((data / "dataset_dict.json").read_text())["splits"]
+        name = next((n for n in (split, {"valid": "validation"}.get(split)) if n in splits), None)
+        return None if name is None else _arrow_folder(data / name)
+    if (data / "state.json").is_file():
+        return _arrow_folder(data) if split == "train" else None
     return None
 
 
@@ -307,10 +313,8 @@ class Batch:
     labels: mx.array  # (B, L): the token where it is a loss target, else -100 (transformers')
     pixel_values: mx.array | None  # (B, N, C, H, W), zero-padded images are dropped by the model
     pixel_attention_mask: mx.array | None
-
-    @property
-    def tokens(self) -> int:
-        return int((self.labels[:, 1:] != -100).sum().item())
+    lengths: list  # real (unpadded) length of each row
+    targets: mx.array  # (T,) flat positions b * L + t whose next token is a loss target
 
 
 def collate(samples: list[Sample], pad_id: int = 0) -> Batch:
@@ -337,7 +341,11 @@ def collate(samples: list[Sample], pad_id: int = 0) -> Batch:
                 pv[i, :n, :, :h, :w] = s.pixel_values
                 pam[i, :n, :h, :w] = s.pixel_attention_mask
         pv, pam = mx.array(pv), mx.array(pam)
-    return Batch(mx.array(ids), mx.array(labels), pv, pam)
+    # computed here, on the host, so the loss gathers its rows without a sync in the graph
+    targets = np.flatnonzero(labels[:, 1:] != -100)
+    targets = (targets // (L - 1)) * L + targets % (L - 1)
+    return Batch(mx.array(ids), mx.array(labels), pv, pam, [len(s) for s in samples],
+                 mx.array(targets.astype(np.int32)))
 
 
 def iterate_batches(dataset, batch_size: int, train: bool = False, pad_id: int = 0, seed: int = 0):

@@ -7,6 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
+from ..language import lm_logits
 from .datasets import Batch, iterate_batches
 
 
@@ -25,13 +26,19 @@ class TrainingArgs:
 
 def loss_fn(model, batch: Batch):
     """Mean cross-entropy over the target tokens (labels != -100), as transformers' loss with
-    the same labels; returns (loss, number of target tokens)."""
-    logits = model(batch.input_ids, batch.pixel_values, batch.pixel_attention_mask)
-    logits, labels = logits[:, :-1].astype(mx.float32), batch.labels[:, 1:]
-    mask = labels != -100
-    ce = nn.losses.cross_entropy(logits, mx.where(mask, labels, 0)) * mask
-    ntoks = mask.sum()
-    return ce.sum() / ntoks, ntoks
+    the same labels; returns (loss, number of target tokens).
+
+    Only the positions that predict a target go through the vocabulary projection: with
+    image tokens and prompts masked that is a small part of the batch, and the head
+    (vocabulary x hidden) is the largest matmul of a small model."""
+    embeds = model.get_input_embeddings(batch.input_ids, batch.pixel_values, batch.pixel_attention_mask)
+    text = model.model.text_model
+    h = text(None, None, embeds)
+    h = h.reshape(-1, h.shape[-1])[batch.targets]
+    logits = lm_logits(text, model.get("lm_head"), h).astype(mx.float32)
+    labels = batch.labels.reshape(-1)[batch.targets + 1]
+    ntoks = mx.array(batch.targets.size)
+    return nn.losses.cross_entropy(logits, labels).sum() / ntoks, ntoks
 
 
 def grad_checkpoint(layers):
@@ -97,10 +104,11 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs = Traini
     for it in range(start_step + 1, args.iters + 1):
         t0 = time.perf_counter()
         for k in range(accum):
-            loss, ntoks, grads = step(next(batches), grads, k)
+            batch = next(batches)
+            loss, ntoks, grads = step(batch, grads, k)
             mx.eval(state, loss, ntoks, grads)
             losses += loss.item() / accum
-            tokens += ntoks.item()
+            tokens += sum(batch.lengths)  # every real token, as mlx-lm counts
         elapsed, n = elapsed + time.perf_counter() - t0, n + 1
         if it % args.steps_per_report == 0 or it == args.iters:
             lr = optimizer.learning_rate
