@@ -89,7 +89,7 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs = Traini
         return loss, ntoks, grads
 
     def validate(it):
-        if val_set is None:
+        if val_set is None or args.val_batches == 0:
             return
         model.eval()
         t = time.perf_counter()
