@@ -35,7 +35,7 @@ def max_rss_gb() -> float:
 
 def our_batches(model_path, data, steps):
     """The batches our trainer sees (same seed, same order), for the torch loop and the profile."""
-    from mlx_smolvlm.generation import load
+    from mlx_smolvlm.generate import load
     from mlx_smolvlm.tuner.datasets import iterate_batches, load_split
 
     model, processor = load(model_path)

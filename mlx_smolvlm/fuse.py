@@ -19,8 +19,9 @@ from mlx.utils import tree_flatten
 from .convert.compat import explicit_config, with_reader_paths
 from .convert.recipes import BITS, GROUP_SIZES, RECIPES, check_args, quantize_model
 from .convert.save import copy_assets, save_weights, staged_folder, write_json
-from .loading import CheckpointError, dequantize_model, get_model_path, load_config, load_model
-from .tuner.adapters import AdapterError, load_adapters
+from .errors import ConvertError, SmolVLMError
+from .loading import dequantize_model, get_model_path, load_config, load_model
+from .tuner.adapters import load_adapters
 from .tuner.layers import fuse_lora_layers
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -48,7 +49,7 @@ def fuse(
 ) -> Path:
     """Write base + adapter as one checkpoint folder at `save_path`; return it."""
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype} is not supported (choose from {', '.join(DTYPES)})")
+        raise ConvertError(f"--dtype {dtype} is not supported (choose from {', '.join(DTYPES)})")
     if quantize:
         check_args(q_bits, q_group_size, recipe)
     path = get_model_path(str(model_path))
@@ -57,7 +58,7 @@ def fuse(
     load_adapters(model, adapter_path)
     quantized_base = bool(model.config.quantization)
     if quantize and quantized_base and not dequantize:
-        raise ValueError("--quantize needs a float model: add --dequantize for a quantized base")
+        raise ConvertError("--quantize needs a float model: add --dequantize for a quantized base")
     fuse_lora_layers(model, dequantize=dequantize)
     config = explicit_config(raw, model.config)
     if dequantize and quantized_base:
@@ -95,7 +96,7 @@ def main(argv=None):
     try:
         out = fuse(args.model, args.adapter_path, args.save_path, args.dequantize, args.quantize,
                    args.q_bits, args.q_group_size, args.recipe, args.dtype, args.overwrite)
-    except (CheckpointError, AdapterError, ValueError, OSError) as e:
+    except (SmolVLMError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"saved {out}", file=sys.stderr)

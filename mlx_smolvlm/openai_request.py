@@ -12,12 +12,13 @@ from pathlib import Path
 from PIL import Image
 
 from .batch import SamplingParams
+from .errors import InvalidRequestError
 from .image_processing import ImageError, decode_image
 from .media_admission import MediaBudget, MediaRefused, check_video, image_size
 from .media_fetch import FetchPolicy, fetch_or_log
 
 # Errors of the processor and the engine that are the request's fault (a 4xx).
-USER_FAULTS = (ValueError,)
+USER_FAULTS = (InvalidRequestError,)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -47,6 +48,7 @@ class Limits:
     allowed_media_domains: tuple[str, ...] | None = None
     body_timeout: float = 30.0
     max_prompt_chars: int | None = None  # set by the server: context x longest token
+    max_prompt_tokens: int | None = None  # set by the server: the context
     max_video_seconds: float = 600.0
     max_video_frame_pixels: int = 3840 * 2160
     max_video_decode_pixels: int = 2**31
@@ -241,7 +243,16 @@ def _parts(messages) -> list:
 async def parse_messages(messages, limits: Limits) -> list:
     """OpenAI messages -> the processor's (transformers') format with media fetched but not
     decoded yet: each media part holds its bytes until `decode_media`."""
+    if limits.max_prompt_tokens is not None and isinstance(messages, list) \
+            and len(messages) > limits.max_prompt_tokens:
+        # Each message adds at least one token (its role): refuse before rendering the template.
+        raise RequestError(f"{len(messages)} messages cannot fit the model's context of "
+                           f"{limits.max_prompt_tokens} tokens", "messages", code="context_length_exceeded")
     structure = _parts(messages)
+    n_parts = sum(len(parts) for _, parts in structure)
+    if limits.max_prompt_tokens is not None and n_parts > limits.max_prompt_tokens:
+        raise RequestError(f"{n_parts} content parts are more than the model's context of "
+                           f"{limits.max_prompt_tokens} tokens", "messages", code="context_length_exceeded")
     media = [p for _, parts in structure for p in parts if p[0] != "text"]
     if len(media) > limits.max_images:
         raise RequestError(f"more than {limits.max_images} images or videos", "messages")

@@ -3,8 +3,11 @@
     python -m mlx_smolvlm.server --model HuggingFaceTB/SmolVLM-256M-Instruct [--port 8080]
 
 POST /v1/chat/completions (streamed as server-sent events or not), GET /v1/models,
-GET /health (batch, cache hit counts, memory). One thread owns the model and runs
-BatchEngine.step in a loop; requests join its running batch as they arrive.
+GET /health (without a key only "ok"; with one: batch, cache hit counts, memory). One
+thread owns the model and runs BatchEngine.step in a loop; requests join its running batch
+as they arrive. Hardening lives beside it: media_fetch.py (SSRF-checked downloads),
+media_admission.py (image and video budgets, container allow-list), admission.py (429s,
+the decode pool), tenancy.py (API keys, cache partitions), http_guard.py (slowloris).
 """
 
 import argparse
@@ -26,7 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from .admission import Admission, Busy, release_heap
 from .batch import BatchEngine, Event
-from .generation import text_config
+from .generate import text_config
 from .openai_request import USER_FAULTS, ChatRequest, Limits, RequestError, parse_chat
 from .tenancy import Tenants, partition, read_keys
 
@@ -104,8 +107,11 @@ def create_app(engine: BatchEngine, model_id: str, limits: Limits | None = None,
     video = getattr(engine.processor, "video_options", None)
     if video is not None:  # count sampled frames as the processor will sample them
         limits.video_fps, limits.video_max_frames = video.fps, video.max_frames
+    context = text_config(engine.model).max_position_embeddings
     if limits.max_prompt_chars is None:
-        limits.max_prompt_chars = text_config(engine.model).max_position_embeddings * _max_token_chars(tokenizer)
+        limits.max_prompt_chars = context * _max_token_chars(tokenizer)
+    if limits.max_prompt_tokens is None:
+        limits.max_prompt_tokens = context
 
     @asynccontextmanager
     async def lifespan(app):
@@ -299,7 +305,7 @@ def create_app(engine: BatchEngine, model_id: str, limits: Limits | None = None,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .generate import DEFAULT_MODEL
+    from .cli import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="Hub repo id, local folder or .gguf file")
@@ -357,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     import uvicorn
 
-    from .generation import load
+    from .errors import SmolVLMError
+    from .generate import load
     from .http_guard import guarded_protocol
 
     args = build_parser().parse_args(argv)
@@ -368,7 +375,7 @@ def main(argv=None):
     dtype = getattr(mx, args.dtype) if args.dtype else None
     try:
         model, processor = load(args.model, dtype=dtype, adapter_path=args.adapter_path)
-    except (ValueError, FileNotFoundError) as e:
+    except (SmolVLMError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     engine = BatchEngine(model, processor, max_batch=args.max_batch,

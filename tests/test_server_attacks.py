@@ -330,6 +330,8 @@ MALFORMED = [
     ("part not an object", None, {"messages": [{"role": "user", "content": ["hi"]}]}),
     ("stream a string", None, {**GOOD, "stream": "yes"}),
     ("cache_salt an object", None, {**GOOD, "cache_salt": {"a": 1}}),
+    ("100k empty messages", None, {"messages": [{"role": "user", "content": ""}] * 100_000}),
+    ("100k empty parts", None, {"messages": [{"role": "user", "content": [{"type": "text", "text": ""}] * 100_000}]}),
 ]
 
 
@@ -473,7 +475,7 @@ def test_client_leaving_stops_decoding(server, client):
         time.sleep(0.01)
     idle = time.perf_counter() - t
     print(f"1900 tokens take {full:.2f} s; idle {idle:.3f} s after the client left")
-    assert h["active"] == 0 and idle < max(0.5, full / 3), (idle, full)
+    assert h["active"] == 0 and idle < full / 3, (idle, full)
     record(server, "non-streamed client leaves while decoding", f"batch empty {idle:.2f} s later "
            f"(full run {full:.1f} s)", idle)
 
@@ -522,3 +524,33 @@ def test_same_answer_afterwards_and_table(server, client, baseline):
     for attack, result, dt, r, p in RESULTS:
         print(f"| {attack} | {result} | {dt:.2f} | {r:.0f} | {p:.0f} |")
     assert peak < 1500 and not any(math.isnan(x[2]) for x in RESULTS)
+
+
+def test_server_fault_is_a_logged_500(caplog):
+    """In-process, with an engine whose processor breaks: a 500 in OpenAI's shape that quotes
+    a request id, which the log holds with the traceback; a user fault stays a 400."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from mlx_smolvlm.errors import InvalidRequestError
+    from mlx_smolvlm.server import create_app
+
+    def processor(messages, **controls):
+        if messages[0]["content"][0]["text"] == "too long":
+            raise InvalidRequestError("the prompt is beyond the context")
+        raise ValueError("disk on fire")  # not ours to blame on the client: a 500
+
+    processor.tokenizer = SimpleNamespace(vocab={"ab": 0, "abcd": 1})
+    config = SimpleNamespace(max_position_embeddings=100)
+    engine = SimpleNamespace(processor=processor, model=SimpleNamespace(config=config), max_batch=2, busy=False)
+    with TestClient(create_app(engine, "stub"), raise_server_exceptions=False) as c:
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        err = assert_openai_error(r, 500)
+        assert err["type"] == "server_error" and "disk" not in err["message"]
+        rid = err["message"].rsplit(" ", 1)[1].rstrip(")")
+        assert any(rid in rec.getMessage() and rec.exc_info for rec in caplog.records)
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "too long"}]})
+        assert "beyond the context" in assert_openai_error(r)["message"]
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 401}]})
+        assert assert_openai_error(r)["code"] == "context_length_exceeded"  # 100 tokens x 4 characters

@@ -366,3 +366,15 @@ def test_grad_accumulation_averages_the_micro_batches(tiny_idefics3, images):
     for k in before:
         want = before[k] - 0.1 * (grads[0][k] + grads[1][k]) / 2
         assert mx.allclose(after[k], want, rtol=1e-5, atol=1e-7).item(), k
+
+
+def test_pixels_past_the_cache_budget_are_read_again(tiny_idefics3, data):
+    from mlx_smolvlm.tuner.datasets import ChatDataset, split_rows
+
+    processor = load_processor(tiny_idefics3)
+    held = load_split(data, "train", processor, 300)
+    lean = ChatDataset(split_rows(data, "train"), processor, 300, cache_bytes=0)
+    assert all(s.pixel_values is None for s in lean.samples)
+    for i in range(len(held)):
+        a, b = held[i], lean[i]
+        assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.pixel_values, b.pixel_values)

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..errors import CheckpointError
 from .layers import DoRALinear, LoRALinear
 
 CONFIG = "adapter_config.json"
@@ -38,8 +39,8 @@ PEFT_UNSUPPORTED = {
 }
 
 
-class AdapterError(ValueError):
-    pass
+class AdapterError(CheckpointError):
+    """An adapter folder that cannot be read, or that does not fit the model."""
 
 
 def lora_layers(model: nn.Module) -> dict:

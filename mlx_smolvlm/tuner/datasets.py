@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..errors import InvalidRequestError, SmolVLMError
 from ..image_processing import decode_image
 from ..processing import VIDEO_TOKEN, message_images
 from ..video import CHAT_TEMPLATE as VIDEO_CHAT_TEMPLATE
@@ -30,7 +31,7 @@ MEDIA_KEYS = {"image": ("image", "path", "url", "base64"), "video": ("video", "p
 SPLITS = ("train", "valid", "test")
 
 
-class DatasetError(ValueError):
+class DatasetError(InvalidRequestError):
     """A row that cannot be trained on; the message names its file and line."""
 
 
@@ -272,29 +273,45 @@ def split_rows(data: Path, split: str):
 
 
 class ChatDataset:
-    """Encoded samples of one split, over-long ones cut after their last image or dropped."""
+    """Encoded samples of one split, over-long ones cut after their last image or dropped.
+
+    Every row is encoded once up front (which also checks its media). Pixels are kept while
+    they fit in `cache_bytes`; past that a sample keeps its tokens and re-reads its media
+    when a batch needs it (one 17-tile image is 53 MB of float32 pixels)."""
 
     def __init__(self, rows, processor, image_token_id: int, max_seq_length: int | None = None,
-                 **controls):
-        self.samples, self.dropped = [], 0
+                 cache_bytes: int = 2 << 30, **controls):
+        self.processor, self.controls = processor, controls
+        self.samples, self.sources, self.dropped, held = [], [], 0, 0
         for where, row, base in rows:
-            try:
-                sample = encode(processor, row_messages(row, where, base), **controls)
-            except DatasetError:
-                raise
-            except (ValueError, OSError) as e:  # ImageError, VideoError, TokenizerError...
-                raise DatasetError(f"{where}: {e}") from None
-            sample = fit_length(sample, max_seq_length, image_token_id)
+            messages = row_messages(row, where, base)
+            sample = fit_length(self._encode(messages, where), max_seq_length, image_token_id)
             if sample is None:
                 self.dropped += 1
-            else:
-                self.samples.append(sample)
+                continue
+            if sample.pixel_values is not None:
+                held += sample.pixel_values.nbytes
+                if held > cache_bytes:
+                    sample = Sample(sample.input_ids, sample.mask)
+            self.samples.append(sample)
+            self.sources.append((messages, where))
+
+    def _encode(self, messages, where):
+        try:
+            return encode(self.processor, messages, **self.controls)
+        except (SmolVLMError, ValueError, OSError) as e:  # ImageError, VideoError, TokenizerError...
+            raise DatasetError(f"{where}: {e}") from None
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
-        return self.samples[i]
+        sample = self.samples[i]
+        messages, where = self.sources[i]
+        if sample.pixel_values is None and (message_images(messages) or message_images(messages, "video")):
+            full = self._encode(messages, where)
+            return Sample(sample.input_ids, sample.mask, full.pixel_values, full.pixel_attention_mask)
+        return sample
 
 
 def load_split(data, split, processor, image_token_id, max_seq_length=None, **controls):

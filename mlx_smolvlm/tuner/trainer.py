@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
-from ..language import lm_logits
+from ..models.language import lm_logits
 from .datasets import Batch, iterate_batches
 
 
@@ -89,7 +89,7 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs = Traini
         return loss, ntoks, grads
 
     def validate(it):
-        if val_set is None:
+        if val_set is None or args.val_batches == 0:
             return
         model.eval()
         t = time.perf_counter()
