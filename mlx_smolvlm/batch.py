@@ -14,10 +14,10 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .batch_cache import BatchKVCache
-from .generation import check_length, prefill
-from .prompt_cache import tile_digests
-from .reuse_cache import FeatureCache, PrefixCache
+from .chat_cache import tile_digests
+from .generate import check_length, prefill
+from .models.cache import BatchKVCache
+from .prefix_cache import FeatureCache, PrefixCache
 from .sample_utils import apply_top_p
 from .text_stream import TextStream
 
@@ -106,7 +106,7 @@ class BatchEngine:
         self._lock = threading.Lock()
 
     def add(self, inputs: dict, params: SamplingParams, on_event: Callable, partition: bytes = b"") -> Sequence:
-        """Queue a prompt (processor output); raises ValueError if it cannot fit. Cached
+        """Queue a prompt (processor output); raises InvalidRequestError if it cannot fit. Cached
         prompts and image features are shared only between sequences of one `partition`."""
         seq = Sequence(inputs, params, on_event, self.processor.tokenizer, partition)
         check_length(self.model, len(seq.ids), params.max_tokens)

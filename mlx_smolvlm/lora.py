@@ -17,7 +17,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .generation import load
+from .errors import SmolVLMError
+from .generate import load
 from .tuner.adapters import save_adapters
 from .tuner.datasets import load_split
 from .tuner.layers import TEXT_KEYS, linear_to_lora_layers
@@ -222,7 +223,7 @@ def main(argv=None):
         # adapter files are replaced atomically: the last saved one is whole
         print("\ninterrupted: the last saved adapter (if any) is kept", file=sys.stderr)
         sys.exit(130)
-    except (ValueError, OSError) as e:  # DatasetError, ImageError, missing files, bad YAML
+    except (SmolVLMError, ValueError, OSError) as e:  # DatasetError, ImageError, missing files, bad YAML
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

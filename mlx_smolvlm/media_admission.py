@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from .errors import MediaError
 from .video import OPEN_OPTIONS
 
 
-class MediaRefused(ValueError):
+class MediaRefused(MediaError):
     """Media over a limit or in a refused format; the message names no server path."""
 
 

@@ -12,12 +12,13 @@ from pathlib import Path
 from PIL import Image
 
 from .batch import SamplingParams
+from .errors import InvalidRequestError
 from .image_processing import ImageError, decode_image
 from .media_admission import MediaBudget, MediaRefused, check_video, image_size
 from .media_fetch import FetchPolicy, fetch_or_log
 
 # Errors of the processor and the engine that are the request's fault (a 4xx).
-USER_FAULTS = (ValueError,)
+USER_FAULTS = (InvalidRequestError,)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 

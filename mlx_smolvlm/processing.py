@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import InvalidRequestError, MediaError
 from .image_processing import URL_TIMEOUT, ImageError, ImageProcessor, load_image
 from .processor_config import read_processor_settings
 from .tokenizer import Tokenizer, load_tokenizer, read_json
@@ -28,10 +29,6 @@ VIDEO_TOKEN = "<video>"
 VIDEO_CONTROLS = ("fps", "max_frames", "skip_secs", "frame_size")
 # transformers' Idefics3Processor has no video input: these models never saw the video prompt.
 NO_VIDEO_MODEL_TYPES = ("idefics3",)
-
-
-class MediaError(ValueError):
-    """Media the checkpoint cannot take (a video for a model never trained on video)."""
 
 
 def image_prompt(rows, cols, image_seq_len, image_token, fake_image_token, global_image_token):
@@ -184,7 +181,7 @@ class Processor:
         if isinstance(messages, str):
             return messages, list(images or [])
         if images:
-            raise ValueError("pass images inside the messages, or a prompt string with `images=`")
+            raise InvalidRequestError("pass images inside the messages, or a prompt string with `images=`")
         prompt = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         return prompt, message_images(messages)
 
@@ -192,12 +189,12 @@ class Processor:
         n = prompt.count(self.image_token)
         if n != len(images):
             names = ", ".join(repr(getattr(i, "filename", None) or str(i)[:60]) for i in images)
-            raise ValueError(
+            raise InvalidRequestError(
                 f"the prompt has {n} {self.image_token} placeholder(s) but {len(images)} image(s) "
                 f"were given{': ' + names if images else ''}"
             )
         if images and self.image_processor is None:
-            raise ValueError("this model has no image processor: it takes text only")
+            raise InvalidRequestError("this model has no image processor: it takes text only")
 
     def preflight(self, messages_or_images, videos=None, **controls):
         """Tiles, frames and image tokens per image, per video and in total, from image
@@ -209,7 +206,7 @@ class Processor:
         else:
             sources = list(messages_or_images)
         if sources and self.image_processor is None:
-            raise ValueError("this model has no image processor: it takes text only")
+            raise InvalidRequestError("this model has no image processor: it takes text only")
         plans = [
             self.image_processor.plan(*_upright_size(s, self.timeout), **controls) for s in sources
         ]
@@ -266,7 +263,7 @@ class Processor:
     def _videos(self, prompt, videos, controls, min_side=0):
         n = prompt.count(VIDEO_TOKEN)
         if n != len(videos):
-            raise ValueError(
+            raise InvalidRequestError(
                 f"the prompt has {n} {VIDEO_TOKEN} placeholder(s) but {len(videos)} video(s) "
                 "were given"
             )
@@ -283,7 +280,7 @@ class Processor:
 
     def _check_video(self):
         if self.image_processor is None:
-            raise ValueError("this model has no image processor: it takes text only")
+            raise InvalidRequestError("this model has no image processor: it takes text only")
         if self.model_type in NO_VIDEO_MODEL_TYPES:
             raise MediaError(
                 f"model_type {self.model_type!r} takes no video: it was not trained on video "
@@ -300,7 +297,7 @@ class Processor:
         # 6 px unseen). A smaller frame must be whole units, or its patch grid would not
         # divide by the scale factor.
         if not (size == tile or (0 < size < tile and size % unit == 0)):
-            raise ValueError(f"frame_size must be {tile} or a multiple of {unit} below it, got {size}")
+            raise InvalidRequestError(f"frame_size must be {tile} or a multiple of {unit} below it, got {size}")
         # Tokens per frame follow its (padded) side: a smaller frame_size costs fewer.
         side = max(size, min_side)
         block = image_prompt(0, 0, (side // unit) ** 2, **self.image_tokens)

@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from .admission import Admission, Busy, release_heap
 from .batch import BatchEngine, Event
-from .generation import text_config
+from .generate import text_config
 from .openai_request import USER_FAULTS, ChatRequest, Limits, RequestError, parse_chat
 from .tenancy import Tenants, partition, read_keys
 
@@ -310,7 +310,7 @@ def create_app(engine: BatchEngine, model_id: str, limits: Limits | None = None,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .generate import DEFAULT_MODEL
+    from .cli import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="Hub repo id, local folder or .gguf file")
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     import uvicorn
 
-    from .generation import load
+    from .generate import load
     from .http_guard import guarded_protocol
 
     args = build_parser().parse_args(argv)

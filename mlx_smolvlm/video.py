@@ -13,6 +13,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .errors import VideoError
+
 # Strings of transformers' processing_smolvlm.py; the model was trained on them.
 VIDEO_INTRO = (
     "You are provided the following series of {frame_count} frames "
@@ -37,10 +39,6 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
-
-
-class VideoError(ValueError):
-    pass
 
 
 @dataclass

@@ -43,10 +43,10 @@ def config(text_cfg) -> dict:
 def write_real_decoder_vlm(dest: Path, dtype: str = "float32") -> Path:
     from make_tokenizer import write_processor_folder
 
-    from mlx_smolvlm.config import ModelConfig
+    from mlx_smolvlm.models.config import ModelConfig
     from mlx_smolvlm.gguf import load_gguf, packaged_smollm2
     from mlx_smolvlm.loading import dequantize_model
-    from mlx_smolvlm.model import Model
+    from mlx_smolvlm.models.smolvlm import Model
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)

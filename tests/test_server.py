@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from serving import serve
 
-from mlx_smolvlm.generation import generate, load
+from mlx_smolvlm.generate import generate, load
 from mlx_smolvlm.image_processing import decode_image
 
 KEY = "test-key"

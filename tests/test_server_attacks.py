@@ -539,12 +539,13 @@ def test_server_fault_is_a_logged_500(caplog):
 
     from fastapi.testclient import TestClient
 
+    from mlx_smolvlm.errors import InvalidRequestError
     from mlx_smolvlm.server import create_app
 
     def processor(messages, **controls):
         if messages[0]["content"][0]["text"] == "too long":
-            raise ValueError("the prompt is beyond the context")
-        raise RuntimeError("disk on fire")
+            raise InvalidRequestError("the prompt is beyond the context")
+        raise ValueError("disk on fire")  # not ours to blame on the client: a 500
 
     processor.tokenizer = SimpleNamespace(vocab={"ab": 0, "abcd": 1})
     config = SimpleNamespace(max_position_embeddings=100)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from make_tuning_fixtures import CARDS, QUESTION, write_cards, write_real_decoder_vlm
 
-from mlx_smolvlm.generation import load, stream_generate
+from mlx_smolvlm.generate import load, stream_generate
 from mlx_smolvlm.tuner.layers import linear_to_lora_layers
 
 ITERS = 30  # loss ~0.08 and margins ~1.5 nats at 30 (lr 1e-3, rank 8, last 8 layers)

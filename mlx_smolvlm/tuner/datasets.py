@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..errors import InvalidRequestError, SmolVLMError
 from ..image_processing import decode_image
 from ..processing import VIDEO_TOKEN, message_images
 from ..video import CHAT_TEMPLATE as VIDEO_CHAT_TEMPLATE
@@ -30,7 +31,7 @@ MEDIA_KEYS = {"image": ("image", "path", "url", "base64"), "video": ("video", "p
 SPLITS = ("train", "valid", "test")
 
 
-class DatasetError(ValueError):
+class DatasetError(InvalidRequestError):
     """A row that cannot be trained on; the message names its file and line."""
 
 
@@ -276,7 +277,7 @@ class ChatDataset:
                 sample = encode(processor, row_messages(row, where, base), **controls)
             except DatasetError:
                 raise
-            except (ValueError, OSError) as e:  # ImageError, VideoError, TokenizerError...
+            except (SmolVLMError, ValueError, OSError) as e:  # ImageError, VideoError, TokenizerError...
                 raise DatasetError(f"{where}: {e}") from None
             sample = fit_length(sample, max_seq_length, image_token_id)
             if sample is None:

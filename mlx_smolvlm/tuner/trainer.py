@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
-from ..language import lm_logits
+from ..models.language import lm_logits
 from .datasets import Batch, iterate_batches
 
 
