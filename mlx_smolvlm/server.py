@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager
 import mlx.core as mx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -236,7 +237,12 @@ def create_app(engine: BatchEngine, model_id: str, limits: Limits | None = None,
             if req.stream:
                 watcher.cancel()  # the streaming response watches the client itself
                 streaming = True
-                return StreamingResponse(_stream(seq, queue, req, head, release), media_type="text/event-stream")
+                def end():  # also when the stream never started: the client left at once
+                    engine.cancel(seq)
+                    release()
+
+                return StreamingResponse(_stream(seq, queue, req, head, release), media_type="text/event-stream",
+                                         background=BackgroundTask(end))
             return await _complete(seq, queue, req, head)
         except asyncio.CancelledError:
             if watcher is None or watcher.cancelled() or not watcher.done():

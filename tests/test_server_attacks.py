@@ -363,10 +363,16 @@ def test_fuzzed_field_types(server, client, baseline):
     paths = [(k,) for k in base] + [("messages", 0, "role"), ("messages", 0, "content"),
                                     ("messages", 0, "content", 0), ("messages", 0, "content", 0, "type"),
                                     ("messages", 0, "content", 0, "text"), ("messages", 0)]
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    image = {"type": "image_url", "image_url": {"url": b64("image/png", png.getvalue())}}
+    with_image = {**base, "messages": [{"role": "user", "content": [image, {"type": "text", "text": "hi"}]}]}
+    paths = [(base, p) for p in paths] + [(with_image, ("messages", 0, "content", 0, k)) for k in ("type", "image_url")] \
+        + [(with_image, ("messages", 0, "content", 0, "image_url", "url"))]
     statuses, t0 = [], time.perf_counter()
-    for path in paths:
+    for start, path in paths:
         for v in rng.sample(fuzz_values(), 6):
-            body = json.loads(json.dumps(base))
+            body = json.loads(json.dumps(start))
             node = body
             for k in path[:-1]:
                 node = node[k]
