@@ -214,9 +214,12 @@ def load_video(
         if not decode:
             return VideoFrames(str(path), None, indices, rate, total, duration,
                                _decoded_count(pts, keys, indices))
-        frames = []
+        frames, declared = [], stream.codec_context.width * stream.codec_context.height
         try:
             for f in _decode(container, stream, pts, keys, indices):
+                if declared and f.width * f.height > declared:  # budgets were judged on the header
+                    raise VideoError(f"{path}: a frame of {f.width}x{f.height} is larger than the stream's "
+                                     f"{stream.codec_context.width}x{stream.codec_context.height}")
                 rgb = _upright(f.to_ndarray(format="rgb24"), f.rotation)
                 frames.append(frame_fn(rgb) if frame_fn else rgb)
         except av.FFmpegError as e:
