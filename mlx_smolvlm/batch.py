@@ -8,14 +8,14 @@ runs on a thread and that `batch_generate` runs to completion.
 
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 
 from .batch_cache import BatchKVCache
-from .generation import check_length, prefill
+from .generation import check_length, clip_max_tokens, prefill
 from .prompt_cache import tile_digests
 from .reuse_cache import FeatureCache, PrefixCache
 from .sample_utils import apply_top_p
@@ -104,9 +104,13 @@ class BatchEngine:
         self._lock = threading.Lock()
 
     def add(self, inputs: dict, params: SamplingParams, on_event: Callable) -> Sequence:
-        """Queue a prompt (processor output); raises ValueError if it cannot fit."""
+        """Queue a prompt (processor output); raises ValueError if it cannot fit. `max_tokens`
+        beyond the context left after the prompt is cut to it (finish_reason "length")."""
+        n = np.asarray(inputs["input_ids"]).shape[-1]
+        if params.max_tokens >= 1:
+            params = replace(params, max_tokens=clip_max_tokens(self.model, n, params.max_tokens))
+        check_length(self.model, n, params.max_tokens)
         seq = Sequence(inputs, params, on_event, self.processor.tokenizer)
-        check_length(self.model, len(seq.ids), params.max_tokens)
         with self._lock:
             self._pending.append(seq)
         return seq

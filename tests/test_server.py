@@ -134,7 +134,7 @@ def bad_requests(sample_images):
     big_url = "data:image/png;base64," + base64.b64encode(big.getvalue()).decode()
     corrupt = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nnot really").decode()
     return [
-        (dict(messages=ask("x"), max_tokens=10_000), 400, "max_tokens"),
+        (dict(messages=ask("x"), max_tokens=2.5), 400, "max_tokens"),
         (dict(messages=ask("x"), max_completion_tokens=0), 400, "max_completion_tokens"),
         (dict(messages=ask("x", wide, wide, wide, wide)), 400, "messages"),
         (dict(messages=ask("x", big_url)), 400, "messages[0].content[0]"),
