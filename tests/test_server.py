@@ -188,6 +188,20 @@ def test_logprobs_stop_and_special_tokens(client, solo, sample_images):
     assert "<|reserved_special_token_" in kept.choices[0].message.content
 
 
+def test_max_tokens_beyond_the_limit_is_cut_to_it(client, solo, sample_images):
+    """max_tokens above --max-tokens-limit (500) answers as max_tokens=500 would; 64 stop
+    strings are accepted, 65 are not."""
+    messages = good_requests(sample_images)[1]
+    never = [f"\x00{i}" for i in range(64)]
+    r = client.chat.completions.create(model="m", messages=messages, max_tokens=10**9, stop=never)
+    assert r.choices[0].message.content == solo(messages, 500)
+    n = r.usage.completion_tokens
+    assert n <= 500 and r.choices[0].finish_reason == ("length" if n == 500 else "stop")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=messages, stop=never + ["x"])
+    assert e.value.body["param"] == "stop"
+
+
 def test_seeded_sampling_repeats(client, sample_images):
     kw = dict(model="m", messages=good_requests(sample_images)[1], max_tokens=MAX_TOKENS, temperature=1.0,
               top_p=0.95, seed=3)
