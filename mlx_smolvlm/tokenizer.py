@@ -9,16 +9,13 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
+from .errors import TokenizerError
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 # transformers' SPECIAL_TOKENS_ATTRIBUTES: with `additional_special_tokens` and the extra special
 # tokens, the tokens `all_special_tokens` names, which `skip_special_tokens` removes here.
 NAMED_SPECIAL = (*SPECIAL_TOKEN_NAMES, "sep_token", "cls_token", "mask_token")
 GGUF_CONTROL = 3  # llama.cpp token type of `<|im_start|>` and friends
-
-
-class TokenizerError(ValueError):
-    pass
 
 
 def _template_env():

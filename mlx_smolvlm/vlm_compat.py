@@ -23,9 +23,9 @@ special tokens stay in the text (DocTags are added special tokens).
 import sys
 from dataclasses import replace
 
-from .generation import format_stats
-from .generation import load as _load
-from .generation import stream_generate as _stream_generate
+from .generate import format_stats
+from .generate import load as _load
+from .generate import stream_generate as _stream_generate
 from .loading import get_model_path
 from .loading import load_config as _load_config
 from .sample_utils import make_sampler

@@ -109,7 +109,7 @@ def example(model, processor, image):
 
 
 def answer_logprobs(model, ids, feats, positions):
-    from mlx_smolvlm.language import lm_logits
+    from mlx_smolvlm.models.language import lm_logits
 
     tm = model.model.text_model
     h = tm(ids, None, model.merge_image_features(ids, feats))
@@ -150,9 +150,9 @@ def train(model, examples, steps: int, lr: float):
 
 
 def main(argv=None):
-    from mlx_smolvlm.config import ModelConfig
-    from mlx_smolvlm.generation import load
-    from mlx_smolvlm.model import Model
+    from mlx_smolvlm.models.config import ModelConfig
+    from mlx_smolvlm.generate import load
+    from mlx_smolvlm.models.smolvlm import Model
     from mlx_smolvlm.processing import load_processor
     from provenance import stamp
 

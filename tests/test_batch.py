@@ -6,9 +6,10 @@ import mlx.core as mx
 import pytest
 
 from mlx_smolvlm.batch import BatchEngine, SamplingParams, batch_generate
-from mlx_smolvlm.batch_cache import BatchKVCache
-from mlx_smolvlm.cache import make_prompt_cache
-from mlx_smolvlm.generation import load, stream_generate
+from mlx_smolvlm.errors import InvalidRequestError
+from mlx_smolvlm.generate import load, stream_generate
+from mlx_smolvlm.models.cache import BatchKVCache
+from mlx_smolvlm.models.cache import make_prompt_cache
 
 MAX_TOKENS = 16
 
@@ -141,7 +142,7 @@ def test_max_tokens_beyond_the_context_is_cut_to_it(tiny):
         assert [e.token for e in events] == solo_tokens(model, processor, prompt, 5)
         assert events[-1].finish_reason == "length"
         model.config.text_config.max_position_embeddings = n
-        with pytest.raises(ValueError, match="no room left in the model's context length"):
+        with pytest.raises(InvalidRequestError, match="no room left in the model's context length"):
             engine.add(inputs, SamplingParams(), events.append)
     finally:
         model.config.text_config.max_position_embeddings = context

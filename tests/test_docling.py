@@ -26,9 +26,9 @@ from docling.datamodel.vlm_model_specs import GRANITEDOCLING_VLLM_API
 from docling.document_converter import DocumentConverter, PdfFormatOption
 from docling.pipeline.vlm_pipeline import VlmPipeline
 from make_doctags_fixture import DOCTAGS, HEADING, PROMPT, TABLE, page_pdf, rendered, write_processor
-from test_server import serve
+from serving import serve
 
-from mlx_smolvlm.generation import load, stream_generate
+from mlx_smolvlm.generate import load, stream_generate
 from mlx_smolvlm.tokenizer import load_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-granite-docling"

@@ -8,11 +8,11 @@ import pytest
 from make_generate_golden import gguf_path
 
 from mlx_smolvlm import load, stream_generate
-from mlx_smolvlm.cache import KVCache, make_prompt_cache
-from mlx_smolvlm.generation import generate_step
-from mlx_smolvlm.prompt_cache import PromptCache
-from mlx_smolvlm.quantized_cache import QuantizedKVCache, quantized_attention
-from mlx_smolvlm.rotating_cache import RotatingKVCache
+from mlx_smolvlm.chat_cache import ChatCache
+from mlx_smolvlm.errors import InvalidRequestError
+from mlx_smolvlm.generate import generate_step
+from mlx_smolvlm.models.base import quantized_attention
+from mlx_smolvlm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
 
 # Next-token KL(float || quantized) in nats over the decode steps below, at most (measured:
 # 8-bit 1.1e-4, 4-bit 3.1e-2; bench/kv_cache.py has long contexts):
@@ -75,7 +75,7 @@ def test_generate_step_quantizes_from_start(smollm2, prompt):
                           prefill_step_size=64)
     assert len(list(steps)) == 3
     assert all(isinstance(c, QuantizedKVCache) for c in cache) and cache[0].offset == prompt.size + 2
-    with pytest.raises(ValueError, match="cannot be quantized"):
+    with pytest.raises(InvalidRequestError, match="cannot be quantized"):
         next(generate_step(prompt, model, kv_bits=8, max_kv_size=64))
 
 
@@ -102,8 +102,8 @@ def test_prompt_cache_reuse_with_capped_and_quantized_caches(smollm2):
     msgs = [{"role": "user", "content": "Name a planet."}]
     # The prompt is longer than 8 positions: the capped cache has evicted and cannot be rolled
     # back to the shared prefix, so the second call starts afresh; the quantized one reuses it.
-    for cache, kv, reused in ((PromptCache(model, max_kv_size=8), {}, False),
-                              (PromptCache(model), {"kv_bits": 8}, True)):
+    for cache, kv, reused in ((ChatCache(model, max_kv_size=8), {}, False),
+                              (ChatCache(model), {"kv_bits": 8}, True)):
         first = list(stream_generate(model, processor, msgs, max_tokens=4, prompt_cache=cache, **kv))
         again = list(stream_generate(model, processor, msgs, max_tokens=4, prompt_cache=cache, **kv))
         assert [r.token for r in again] == [r.token for r in first]
