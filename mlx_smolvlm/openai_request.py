@@ -52,10 +52,11 @@ class Limits:
     max_prompt_tokens: int | None = None  # set by the server: the context
     max_video_seconds: float = 600.0
     max_video_frame_pixels: int = 3840 * 2160
-    max_video_decode_pixels: int = 2**31
+    max_video_decode_pixels: int = 2**35
     max_video_sample_pixels: int = 64 * 1920 * 1088
     video_fps: float = 1.0  # the processor's sampling (the server sets it)
     video_max_frames: int = 64
+    video_skip_secs: float = 1.0
 
     def fetch_policy(self) -> FetchPolicy:
         return FetchPolicy(self.remote_timeout, self.remote_max_bytes, self.allow_private_media,
@@ -64,7 +65,7 @@ class Limits:
     def media_budget(self) -> MediaBudget:
         return MediaBudget(self.max_image_pixels, self.max_video_seconds, self.max_video_frame_pixels,
                            self.max_video_decode_pixels, self.max_video_sample_pixels, self.video_fps,
-                           self.video_max_frames)
+                           self.video_max_frames, self.video_skip_secs)
 
 
 @dataclass

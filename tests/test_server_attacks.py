@@ -96,7 +96,7 @@ def server(tiny_idefics3, tmp_path_factory):
             "--max-request-bytes", str(25 * 2**20), "--remote-timeout", "2", "--default-max-tokens", "4",
             "--max-tokens-limit", "2000", "--max-batch", "4", "--max-queue", "2", "--max-concurrent-per-key", "3",
             "--header-timeout", "1", "--body-timeout", "2", "--max-connections", "64", "--log-level", "warning",
-            "--max-video-decode-pixels", "1000000", "--max-video-sample-pixels", "200000"]
+            "--max-video-decode-pixels", "1000000", "--max-video-sample-pixels", "500000"]
     with serve_process(tiny_idefics3, folder / "server.log", *args) as (url, proc):
         yield url, proc.pid
 
@@ -290,16 +290,17 @@ def test_media_bombs(server, client, baseline, tmp_path):
     record(server, "image_url: PNG 12000x12000 (420 KB)", "400 from the header", dt)
     from video_synth import make_video
 
-    # 24 frames of 256x256: 1.6 M pixels to decode, over --max-video-decode-pixels 1000000
-    big = make_video(tmp_path / "big.mp4", 1, 24, 256, 256)
-    r, dt = chat(client, media(b64("video/mp4", big.read_bytes()), "video_url"))
-    assert "decode budget" in assert_openai_error(r)["message"] and dt < 3
-    record(server, "video over the decode budget", "400 from the stream metadata", dt)
-    # 4 s at 2 fps of 320x320: 4 sampled frames (1 fps) of 0.1 M pixels, over --max-video-sample-pixels
-    wide = make_video(tmp_path / "wide.mp4", 4, 2, 320, 320)
+    # 4 s at 6 fps of 320x320: 4 sampled frames (1 fps), but ~20 decoded to reach them (GOP 12)
+    # of 0.1 M pixels each: over --max-video-decode-pixels 1000000
+    gop = make_video(tmp_path / "gop.mp4", 4, 6, 320, 320)
+    r, dt = chat(client, media(b64("video/mp4", gop.read_bytes()), "video_url"))
+    assert "decode budget" in assert_openai_error(r)["message"] and dt < 3, r.text
+    record(server, "video over the decode budget (frames from keyframes)", "400 from demuxing, no decoding", dt)
+    # 4 s at 2 fps of 384x384: 4 sampled frames of 0.15 M pixels, over --max-video-sample-pixels
+    wide = make_video(tmp_path / "wide.mp4", 4, 2, 384, 384)
     r, dt = chat(client, media(b64("video/mp4", wide.read_bytes()), "video_url"))
-    assert "4 sampled frames of 320x320" in assert_openai_error(r)["message"] and dt < 3
-    record(server, "video over the sampled-frames budget", "400 from the stream metadata", dt)
+    assert "4 sampled frames of 384x384" in assert_openai_error(r)["message"] and dt < 3, r.text
+    record(server, "video over the sampled-frames budget", "400 from demuxing, no decoding", dt)
     assert good_answer(client) == baseline
 
 
