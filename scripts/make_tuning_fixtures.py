@@ -12,7 +12,12 @@ embedding scale, and the connector is scaled so image features sit at that scale
 `write_cards`: a dataset where only the image tells the answer: the same question about
 three cards, each with its own answer (train.jsonl = valid.jsonl, mlx-vlm's row format).
 
+`write_hf_datasets`: The Cauldron's columns (images, texts) written by the `datasets` library
+itself as a `save_to_disk` DatasetDict (train + validation) and as parquet; committed under
+tests/fixtures/tuning so the tests read real files without `datasets` installed.
+
     python scripts/make_tuning_fixtures.py DEST [--dtype float32]   # DEST/model, DEST/cards
+    python scripts/make_tuning_fixtures.py --hf-datasets tests/fixtures/tuning
 """
 
 import argparse
@@ -100,11 +105,41 @@ def write_cards(dest: Path) -> Path:
     return dest
 
 
+HF_ROWS = [  # (colour, [(user, assistant), ...])
+    ((200, 40, 40), [("What colour is it?", "Red."), ("Sure?", "Quite sure.")]),
+    ((40, 40, 200), [("What colour is it?", "Blue.")]),
+]
+
+
+def write_hf_datasets(dest: Path) -> Path:
+    import datasets
+    from PIL import Image
+
+    dest = Path(dest)
+    columns = {
+        "images": [[Image.new("RGB", (12, 8), rgb)] for rgb, _ in HF_ROWS],
+        "texts": [[{"user": u, "assistant": a} for u, a in turns] for _, turns in HF_ROWS],
+    }
+    features = datasets.Features({
+        "images": datasets.Sequence(datasets.Image()),
+        "texts": [{"user": datasets.Value("string"), "assistant": datasets.Value("string")}],
+    })
+    ds = datasets.Dataset.from_dict(columns, features=features)
+    datasets.DatasetDict({"train": ds, "validation": ds}).save_to_disk(str(dest / "cauldron_disk"))
+    (dest / "parquet").mkdir(parents=True, exist_ok=True)
+    ds.to_parquet(str(dest / "parquet" / "train.parquet"))
+    return dest
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dest", type=Path)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--hf-datasets", action="store_true", help="write the datasets/parquet fixtures only")
     a = ap.parse_args(argv)
+    if a.hf_datasets:
+        print(write_hf_datasets(a.dest), file=sys.stderr)
+        return
     print(write_real_decoder_vlm(a.dest / "model", a.dtype), write_cards(a.dest / "cards"), file=sys.stderr)
 
 
