@@ -164,6 +164,16 @@ def check_length(model, n_prompt: int, max_tokens: int):
         )
 
 
+def clip_max_tokens(model, n_prompt: int, max_tokens: int) -> int:
+    """`max_tokens` cut to the context left after the prompt, as llama-server bounds generation
+    (the answer then ends with finish_reason "length"); an error if the prompt leaves no room."""
+    limit = text_config(model).max_position_embeddings
+    if n_prompt >= limit:
+        raise InvalidRequestError(f"the prompt has {n_prompt} tokens: no room left in the model's "
+                                  f"context length of {limit} tokens")
+    return min(max_tokens, limit - n_prompt)
+
+
 def stream_generate(
     model,
     processor,
@@ -198,8 +208,8 @@ def stream_generate(
     """
     inputs = processor(prompt, images=images, **controls)
     ids = np.asarray(inputs["input_ids"])[0].tolist()
-    if clip_to_context:
-        max_tokens = min(max_tokens, text_config(model).max_position_embeddings - len(ids))
+    if clip_to_context and max_tokens >= 1:
+        max_tokens = clip_max_tokens(model, len(ids), max_tokens)
     check_length(model, len(ids), max_tokens)
     check_kv_options(kv_bits, kv_group_size, max_kv_size)
     cache = prompt_cache if prompt_cache is not None else ChatCache(model, max_kv_size)

@@ -107,7 +107,7 @@ def create_app(engine: BatchEngine, model_id: str, limits: Limits | None = None,
     tokenizer = engine.processor.tokenizer
     video = getattr(engine.processor, "video_options", None)
     if video is not None:  # count sampled frames as the processor will sample them
-        limits.video_fps, limits.video_max_frames = video.fps, video.max_frames
+        limits.video_fps, limits.video_max_frames, limits.video_skip_secs = video.fps, video.max_frames, video.skip_secs
     context = text_config(engine.model).max_position_embeddings
     if limits.max_prompt_chars is None:
         limits.max_prompt_chars = context * _max_token_chars(tokenizer)
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-video-seconds", type=float, default=d.max_video_seconds)
     p.add_argument("--max-video-frame-pixels", type=int, default=d.max_video_frame_pixels)
     p.add_argument("--max-video-decode-pixels", type=int, default=d.max_video_decode_pixels,
-                   help="frames x width x height of one video, from its metadata before decoding")
+                   help="frames decoded to reach the sampled ones x width x height, from demuxing one video")
     p.add_argument("--max-video-sample-pixels", type=int, default=d.max_video_sample_pixels,
                    help="sampled frames x width x height of one video (each is resized at full size)")
     p.add_argument("--no-remote-media", action="store_true", help="refuse http(s) image and video URLs")

@@ -195,7 +195,7 @@ def test_padded_batch_loss_is_the_token_weighted_mean(tiny_idefics3, images):
                                                      {"user": "More?", "assistant": "No."}]}]
     samples = [encode(processor, row_messages(r, "r", images)) for r in rows]
     batch = collate(samples)
-    assert batch.pixel_values.shape[1] == 2 * samples[2].pixel_values.shape[0] // 2
+    assert [p.shape for p, _ in batch.media] == [s.pixel_values.shape for s in samples[1:]]
     loss, n = loss_fn(model, batch)
     parts = [loss_fn(model, collate([s])) for s in samples]
     want = sum(l.item() * k.item() for l, k in parts) / sum(k.item() for _, k in parts)
@@ -378,3 +378,31 @@ def test_pixels_past_the_cache_budget_are_read_again(tiny_idefics3, data):
     for i in range(len(held)):
         a, b = held[i], lean[i]
         assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.pixel_values, b.pixel_values)
+
+
+def test_frozen_vision_features_are_computed_once_per_sample(tiny_idefics3, data):
+    """LoRA on the decoder only: the vision tower runs once per sample over the whole run,
+    and the loss from cached features equals the loss from pixels."""
+    import mlx.optimizers as optim
+
+    from mlx_smolvlm.tuner.trainer import TrainingArgs, frozen_vision, train
+
+    processor, model = load_processor(tiny_idefics3), load_model(tiny_idefics3)
+    model.freeze()
+    linear_to_lora_layers(model, -1, {"rank": 4, "alpha": 8})
+    assert frozen_vision(model)
+    ds = load_split(data, "train", processor, 300)
+    from_pixels = loss_fn(model, collate([ds[i] for i in range(len(ds))]))[0].item()
+    calls = []
+    encode_images = model.encode_images
+    model.encode_images = lambda *a: calls.append(1) or encode_images(*a)
+    train(model, optim.SGD(0.0), ds, args=TrainingArgs(batch_size=2, iters=6, steps_per_eval=100),
+          report=lambda line: None)
+    assert len(calls) == len(ds) and all(s.features is not None and s.pixel_values is None for s in ds.samples)
+    from_features = loss_fn(model, collate([ds[i] for i in range(len(ds))]))[0].item()
+    assert abs(from_features - from_pixels) < 1e-6 * from_pixels
+
+    model = load_model(tiny_idefics3)
+    model.freeze()
+    linear_to_lora_layers(model, -1, {"rank": 4, "alpha": 8, "train_connector": True})
+    assert not frozen_vision(model)

@@ -41,6 +41,10 @@ class Sample:
     mask: np.ndarray  # (L,) bool: the token is a loss target (an assistant token)
     pixel_values: np.ndarray | None = None  # (N, C, H, W)
     pixel_attention_mask: np.ndarray | None = None  # (N, H, W)
+    features: mx.array | None = None  # (N, tokens, D): a frozen vision tower's output, kept
+
+    def has_media(self) -> bool:
+        return self.pixel_values is not None or self.features is not None
 
     def __len__(self):
         return len(self.input_ids)
@@ -282,6 +286,7 @@ class ChatDataset:
     def __init__(self, rows, processor, image_token_id: int, max_seq_length: int | None = None,
                  cache_bytes: int = 2 << 30, **controls):
         self.processor, self.controls = processor, controls
+        self.feature_fn, self.feature_bytes = None, cache_bytes
         self.samples, self.sources, self.dropped, held = [], [], 0, 0
         for where, row, base in rows:
             messages = row_messages(row, where, base)
@@ -305,12 +310,28 @@ class ChatDataset:
     def __len__(self):
         return len(self.samples)
 
+    def cache_features(self, fn):
+        """Keep `fn(pixel_values, pixel_attention_mask)` (the frozen vision tower and connector)
+        per sample instead of its pixels, up to the byte budget: the tower then runs once per
+        sample, not once per epoch, and a feature row is 1/20 of its tile's pixels."""
+        self.feature_fn = fn
+
     def __getitem__(self, i):
         sample = self.samples[i]
+        if sample.features is not None:
+            return sample
         messages, where = self.sources[i]
         if sample.pixel_values is None and (message_images(messages) or message_images(messages, "video")):
             full = self._encode(messages, where)
-            return Sample(sample.input_ids, sample.mask, full.pixel_values, full.pixel_attention_mask)
+            sample = Sample(sample.input_ids, sample.mask, full.pixel_values, full.pixel_attention_mask)
+        if self.feature_fn is None or sample.pixel_values is None:
+            return sample
+        feats = self.feature_fn(mx.array(sample.pixel_values), mx.array(sample.pixel_attention_mask))
+        mx.eval(feats)
+        sample = Sample(sample.input_ids, sample.mask, features=feats)
+        if feats.nbytes <= self.feature_bytes:
+            self.feature_bytes -= feats.nbytes
+            self.samples[i] = sample
         return sample
 
 
@@ -328,40 +349,28 @@ def load_split(data, split, processor, image_token_id, max_seq_length=None, **co
 class Batch:
     input_ids: mx.array  # (B, L) int32, right-padded
     labels: mx.array  # (B, L): the token where it is a loss target, else -100 (transformers')
-    pixel_values: mx.array | None  # (B, N, C, H, W), zero-padded images are dropped by the model
-    pixel_attention_mask: mx.array | None
+    media: list  # per row with images, in row order: features (N, T, D) or (pixels, mask)
     lengths: list  # real (unpadded) length of each row
     targets: mx.array  # (T,) flat positions b * L + t whose next token is a loss target
 
 
 def collate(samples: list[Sample], pad_id: int = 0) -> Batch:
     """Right-pad to the longest sample (padding is never a target: causal attention keeps it
-    from the real tokens); images zero-padded to the batch's most images and largest size."""
+    from the real tokens). Images stay per row, at their own size: each row's image tokens
+    were counted for its own tiles and frames."""
     B, L = len(samples), max(len(s) for s in samples)
     ids = np.full((B, L), pad_id, np.int32)
     labels = np.full((B, L), -100, np.int32)
     for i, s in enumerate(samples):
         ids[i, : len(s)] = s.input_ids
         labels[i, : len(s)] = np.where(s.mask, s.input_ids, -100)
-    pv = pam = None
-    with_images = [s for s in samples if s.pixel_values is not None]
-    if with_images:
-        N = max(len(s.pixel_values) for s in with_images)
-        C = with_images[0].pixel_values.shape[1]
-        H = max(s.pixel_values.shape[2] for s in with_images)
-        W = max(s.pixel_values.shape[3] for s in with_images)
-        pv = np.zeros((B, N, C, H, W), np.float32)
-        pam = np.zeros((B, N, H, W), bool)
-        for i, s in enumerate(samples):
-            if s.pixel_values is not None:
-                n, _, h, w = s.pixel_values.shape
-                pv[i, :n, :, :h, :w] = s.pixel_values
-                pam[i, :n, :h, :w] = s.pixel_attention_mask
-        pv, pam = mx.array(pv), mx.array(pam)
+    media = [s.features if s.features is not None
+             else (mx.array(s.pixel_values), mx.array(s.pixel_attention_mask))
+             for s in samples if s.has_media()]
     # computed here, on the host, so the loss gathers its rows without a sync in the graph
     targets = np.flatnonzero(labels[:, 1:] != -100)
     targets = (targets // (L - 1)) * L + targets % (L - 1)
-    return Batch(mx.array(ids), mx.array(labels), pv, pam, [len(s) for s in samples],
+    return Batch(mx.array(ids), mx.array(labels), media, [len(s) for s in samples],
                  mx.array(targets.astype(np.int32)))
 
 
