@@ -9,14 +9,14 @@ runs on a thread and that `batch_generate` runs to completion.
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 
 from .chat_cache import tile_digests
-from .generate import check_length, prefill
+from .generate import check_length, clip_max_tokens, prefill
 from .models.cache import BatchKVCache
 from .prefix_cache import FeatureCache, PrefixCache
 from .sample_utils import apply_top_p
@@ -128,9 +128,13 @@ class BatchEngine:
 
     def add(self, inputs: dict, params: SamplingParams, on_event: Callable, partition: bytes = b"") -> Sequence:
         """Queue a prompt (processor output); raises InvalidRequestError if it cannot fit. Cached
-        prompts and image features are shared only between sequences of one `partition`."""
+        prompts and image features are shared only between sequences of one `partition`.
+        `max_tokens` beyond the context left after the prompt is cut to it (finish_reason "length")."""
+        n = np.asarray(inputs["input_ids"]).shape[-1]
+        if params.max_tokens >= 1:
+            params = replace(params, max_tokens=clip_max_tokens(self.model, n, params.max_tokens))
+        check_length(self.model, n, params.max_tokens)
         seq = Sequence(inputs, params, on_event, self.processor.tokenizer, partition)
-        check_length(self.model, len(seq.ids), params.max_tokens)
         with self._lock:
             self._pending.append(seq)
         return seq

@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mlx_smolvlm.generate", description="Describe images, answer and chat with SmolVLM in MLX."
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="Hub repo id, local folder or .gguf file")
+    p.add_argument("--adapter-path", help="LoRA/DoRA adapter folder (mlx-lm or PEFT layout) to apply")
     p.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
     p.add_argument("--prompt", help="the question (default with images: 'Describe this image.')")
     p.add_argument("--system", help="a system message")
@@ -265,7 +266,7 @@ def main(argv=None):
         dtype, why = pick_dtype(args.dtype)
         if args.verbose:
             print(f"dtype: {why}\n{blas.describe()}", file=sys.stderr)
-        model, processor = load(args.model, dtype=dtype)
+        model, processor = load(args.model, dtype=dtype, adapter_path=args.adapter_path)
         draft = None
         if args.prompt_lookup_tokens:
             draft = PromptLookup(args.prompt_lookup_tokens, args.ngram_size)

@@ -21,17 +21,25 @@ from .text_stream import TextStream
 from .tokenizer import Tokenizer
 
 
-def load(path_or_repo: str | Path, dtype: mx.Dtype | None = None, lazy: bool = False):
+def load(path_or_repo: str | Path, dtype: mx.Dtype | None = None, lazy: bool = False,
+         adapter_path: str | Path | None = None):
     """Load a model and its processor from a folder, a Hub repo id or a `.gguf` file.
 
     Returns `(model, processor)`. A GGUF file gives a text-only decoder (e.g. SmolLM2).
+    `adapter_path`: a LoRA/DoRA adapter folder (mlx-lm or PEFT layout) applied on top.
     """
     if str(path_or_repo).endswith(".gguf"):
         path = Path(path_or_repo).expanduser()
         model, metadata = load_gguf(path, dtype=dtype, lazy=lazy)
-        return model, text_processor(Tokenizer.from_gguf(path, metadata))
-    path = get_model_path(str(path_or_repo))
-    return load_model(path, dtype=dtype, lazy=lazy), load_processor(path)
+        processor = text_processor(Tokenizer.from_gguf(path, metadata))
+    else:
+        path = get_model_path(str(path_or_repo))
+        model, processor = load_model(path, dtype=dtype, lazy=lazy), load_processor(path)
+    if adapter_path is not None:
+        from .tuner.adapters import load_adapters
+
+        load_adapters(model, adapter_path, dtype)
+    return model, processor
 
 
 def text_config(model):
@@ -173,6 +181,16 @@ def check_length(model, n_prompt: int, max_tokens: int):
         )
 
 
+def clip_max_tokens(model, n_prompt: int, max_tokens: int) -> int:
+    """`max_tokens` cut to the context left after the prompt, as llama-server bounds generation
+    (the answer then ends with finish_reason "length"); an error if the prompt leaves no room."""
+    limit = text_config(model).max_position_embeddings
+    if n_prompt >= limit:
+        raise InvalidRequestError(f"the prompt has {n_prompt} tokens: no room left in the model's "
+                                  f"context length of {limit} tokens")
+    return min(max_tokens, limit - n_prompt)
+
+
 def stream_generate(
     model,
     processor,
@@ -210,8 +228,8 @@ def stream_generate(
     """
     inputs = processor(prompt, images=images, **controls)
     ids = np.asarray(inputs["input_ids"])[0].tolist()
-    if clip_to_context:
-        max_tokens = min(max_tokens, text_config(model).max_position_embeddings - len(ids))
+    if clip_to_context and max_tokens >= 1:
+        max_tokens = clip_max_tokens(model, len(ids), max_tokens)
     check_length(model, len(ids), max_tokens)
     check_kv_options(kv_bits, kv_group_size, max_kv_size)
     cache = prompt_cache if prompt_cache is not None else ChatCache(model, max_kv_size)

@@ -84,6 +84,7 @@ class VideoFrames:
     fps: float  # the stream's average frame rate
     total_frames: int
     duration: float  # seconds, total_frames / fps as the reference computes it
+    decoded_frames: int = 0  # frames decoded to reach the sampled ones (from keyframes)
 
     @property
     def timestamps(self) -> list[float]:
@@ -162,6 +163,19 @@ def _decode(container, stream, pts: list[int], keys: set[int], indices: np.ndarr
             return
 
 
+def _decoded_count(pts: list[int], keys: set[int], indices: np.ndarray) -> int:
+    # How many frames `_decode` runs through: from the keyframe before a wanted frame when
+    # it seeks, else on from the last wanted one.
+    key_idx = sorted(i for i, p in enumerate(pts) if p in keys)
+    n, last = 0, None
+    for i in indices:
+        j = key_idx[max(np.searchsorted(key_idx, i, side="right") - 1, 0)] if key_idx else 0
+        start = j if last is None or j > last else last + 1
+        n += i - start + 1
+        last = i
+    return int(n)
+
+
 def _reason(e) -> str:
     return e.strerror or type(e).__name__
 
@@ -198,10 +212,14 @@ def load_video(
         duration = total / rate
         indices = sample_frame_indices(total, rate, duration, fps, max_frames, skip_secs)
         if not decode:
-            return VideoFrames(str(path), None, indices, rate, total, duration)
-        frames = []
+            return VideoFrames(str(path), None, indices, rate, total, duration,
+                               _decoded_count(pts, keys, indices))
+        frames, declared = [], stream.codec_context.width * stream.codec_context.height
         try:
             for f in _decode(container, stream, pts, keys, indices):
+                if declared and f.width * f.height > declared:  # budgets were judged on the header
+                    raise VideoError(f"{path}: a frame of {f.width}x{f.height} is larger than the stream's "
+                                     f"{stream.codec_context.width}x{stream.codec_context.height}")
                 rgb = _upright(f.to_ndarray(format="rgb24"), f.rotation)
                 frames.append(frame_fn(rgb) if frame_fn else rgb)
         except av.FFmpegError as e:

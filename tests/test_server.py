@@ -100,7 +100,7 @@ def bad_requests(sample_images):
     big_url = "data:image/png;base64," + base64.b64encode(big.getvalue()).decode()
     corrupt = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nnot really").decode()
     return [
-        (dict(messages=ask("x"), max_tokens=10_000), 400, "max_tokens"),
+        (dict(messages=ask("x"), max_tokens=2.5), 400, "max_tokens"),
         (dict(messages=ask("x"), max_completion_tokens=0), 400, "max_completion_tokens"),
         (dict(messages=ask("x", wide, wide, wide, wide)), 400, "messages"),
         (dict(messages=ask("x", big_url)), 400, "messages[0].content[0]"),
@@ -152,6 +152,20 @@ def test_logprobs_stop_and_special_tokens(client, solo, sample_images):
     kept = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS,
                                           extra_body={"skip_special_tokens": False})
     assert "<|reserved_special_token_" in kept.choices[0].message.content
+
+
+def test_max_tokens_beyond_the_limit_is_cut_to_it(client, solo, sample_images):
+    """max_tokens above --max-tokens-limit (500) answers as max_tokens=500 would; 64 stop
+    strings are accepted, 65 are not."""
+    messages = good_requests(sample_images)[1]
+    never = [f"\x00{i}" for i in range(64)]
+    r = client.chat.completions.create(model="m", messages=messages, max_tokens=10**9, stop=never)
+    assert r.choices[0].message.content == solo(messages, 500)
+    n = r.usage.completion_tokens
+    assert n <= 500 and r.choices[0].finish_reason == ("length" if n == 500 else "stop")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=messages, stop=never + ["x"])
+    assert e.value.body["param"] == "stop"
 
 
 def test_seeded_sampling_repeats(client, sample_images):
