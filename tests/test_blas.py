@@ -107,6 +107,16 @@ def test_explicit_library_and_threads():
     assert out.split()[0] == os.path.realpath(blas.state["library"]) and "1 threads)" in out
 
 
+def test_default_threads_follow_the_load(monkeypatch):
+    monkeypatch.delenv(blas.THREADS_ENV, raising=False)
+    monkeypatch.setattr(blas.os, "sched_getaffinity", lambda pid: {0, 1})
+    for load, threads in ((0.3, 2), (0.99, 2), (1.0, 1), (11.0, 1)):
+        monkeypatch.setattr(blas.os, "getloadavg", lambda: (load, load, load))
+        assert blas._threads() == threads, load
+    monkeypatch.setattr(blas.os, "sched_getaffinity", lambda pid: {0})
+    assert blas._threads() == 1
+
+
 def test_missing_library_is_an_error():
     with pytest.raises(subprocess.CalledProcessError) as e:
         in_subprocess("import mlx_smolvlm", MLX_SMOLVLM_BLAS="/nonexistent/libblas.so")
