@@ -301,7 +301,7 @@ def test_ctrl_c_keeps_the_last_saved_adapter(tiny_idefics3, data, tmp_path):
             if saved == 3:
                 break
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
