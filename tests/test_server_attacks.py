@@ -96,7 +96,8 @@ def server(tiny_idefics3, tmp_path_factory):
             "--max-request-bytes", str(25 * 2**20), "--remote-timeout", "2", "--default-max-tokens", "4",
             "--max-tokens-limit", "2000", "--max-batch", "4", "--max-queue", "2", "--max-concurrent-per-key", "3",
             "--header-timeout", "1", "--body-timeout", "2", "--max-connections", "64", "--log-level", "warning",
-            "--max-video-decode-pixels", "1000000", "--max-video-sample-pixels", "500000"]
+            "--max-video-decode-pixels", "1000000", "--max-video-sample-pixels", "500000",
+            "--max-video-frames", "50"]
     with serve_process(tiny_idefics3, folder / "server.log", *args) as (url, proc):
         yield url, proc.pid
 
@@ -301,6 +302,11 @@ def test_media_bombs(server, client, baseline, tmp_path):
     r, dt = chat(client, media(b64("video/mp4", wide.read_bytes()), "video_url"))
     assert "4 sampled frames of 384x384" in assert_openai_error(r)["message"] and dt < 3, r.text
     record(server, "video over the sampled-frames budget", "400 from demuxing, no decoding", dt)
+    # 60 frames in the file, over --max-video-frames 50: refused while demuxing
+    many = make_video(tmp_path / "many.mp4", 6, 10, 16, 16)
+    r, dt = chat(client, media(b64("video/mp4", many.read_bytes()), "video_url"))
+    assert "more than 50 frames" in assert_openai_error(r)["message"] and dt < 3, r.text
+    record(server, "video with more frames than --max-video-frames", "400 while demuxing", dt)
     assert good_answer(client) == baseline
 
 
