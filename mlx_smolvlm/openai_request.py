@@ -146,6 +146,9 @@ def sampling_params(body: dict, limits: Limits) -> SamplingParams:
         stop=stop,
         logprobs=top if logprobs else None,
         skip_special_tokens=skip,
+        # Our extension: speculative decoding by prompt lookup for this request (greedy rows).
+        prompt_lookup_tokens=_number(body, "prompt_lookup_tokens", 0, 0, 64, int),
+        ngram_size=_number(body, "ngram_size", 3, 1, 16, int),
     )
 
 

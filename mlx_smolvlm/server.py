@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -73,12 +74,18 @@ class EngineThread:
 
 
 def _usage(e: Event) -> dict:
-    return {
+    usage = {
         "prompt_tokens": e.prompt_tokens,
         "completion_tokens": e.completion_tokens,
         "total_tokens": e.prompt_tokens + e.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": e.cached_tokens},
     }
+    if e.draft_tokens:  # prompt lookup: OpenAI's fields for predicted tokens kept and dropped
+        usage["completion_tokens_details"] = {
+            "accepted_prediction_tokens": e.accepted_tokens,
+            "rejected_prediction_tokens": e.draft_tokens - e.accepted_tokens,
+        }
+    return usage
 
 
 def _logprobs(tokenizer, e: Event) -> dict:
@@ -314,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="Hub repo id, local folder or .gguf file")
+    p.add_argument("--adapter-path", help="LoRA/DoRA adapter folder (mlx-lm or PEFT layout) to apply")
     p.add_argument("--model-id", help="the name /v1/models reports (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 exposes the server to the network")
     p.add_argument("--port", type=int, default=8080)
@@ -369,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     import uvicorn
 
+    from .errors import SmolVLMError
     from .generate import load
     from .http_guard import guarded_protocol
 
@@ -378,7 +387,11 @@ def main(argv=None):
     if args.api_keys_file and not keys:
         raise SystemExit(f"{args.api_keys_file}: no API keys in it")
     dtype = getattr(mx, args.dtype) if args.dtype else None
-    model, processor = load(args.model, dtype=dtype)
+    try:
+        model, processor = load(args.model, dtype=dtype, adapter_path=args.adapter_path)
+    except (SmolVLMError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     engine = BatchEngine(model, processor, max_batch=args.max_batch,
                          prefill_step_size=args.prefill_step_size,
                          feature_cache_tiles=args.feature_cache_tiles,
@@ -408,4 +421,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

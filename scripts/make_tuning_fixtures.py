@@ -33,19 +33,22 @@ TILE, PATCH, SCALE = 256, 16, 4
 IMAGE_TOKEN_ID, VOCAB = 49190, 49280
 
 
-def config(text_cfg) -> dict:
+def config(text_cfg, vision_layers: int = 1, tile: int = TILE, tied: bool = True) -> dict:
     text = {k: getattr(text_cfg, k) for k in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings")}
     text.update(vocab_size=VOCAB, rope_theta=text_cfg.rope_parameters["rope_theta"], model_type="llama")
-    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=1, num_attention_heads=12,
-                  patch_size=PATCH, image_size=TILE)
+    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=vision_layers,
+                  num_attention_heads=12, patch_size=PATCH, image_size=tile)
     return dict(architectures=["Idefics3ForConditionalGeneration"], model_type="idefics3",
-                scale_factor=SCALE, image_token_id=IMAGE_TOKEN_ID, tie_word_embeddings=True,
+                scale_factor=SCALE, image_token_id=IMAGE_TOKEN_ID, tie_word_embeddings=tied,
                 vision_config=vision, text_config=text)
 
 
-def write_real_decoder_vlm(dest: Path, dtype: str = "float32") -> Path:
+def write_real_decoder_vlm(dest: Path, dtype: str = "float32", vision_layers: int = 1, tile: int = TILE,
+                           tied: bool = True) -> Path:
+    """`vision_layers=12, tile=512, tied=False`: the full SmolVLM-256M geometry (untied, as its
+    config is; mlx-vlm's trainer needs a separate head), e.g. for bench/finetune_peers.py."""
     from make_tokenizer import write_processor_folder
 
     from mlx_smolvlm.models.config import ModelConfig
@@ -57,7 +60,7 @@ def write_real_decoder_vlm(dest: Path, dtype: str = "float32") -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     text, _ = load_gguf(packaged_smollm2())
     dequantize_model(text, mx.float32)
-    cfg = config(text.config)
+    cfg = config(text.config, vision_layers, tile, tied)
     mx.random.seed(0)
     model = Model(ModelConfig.from_dict(cfg))
     weights = {f"model.text_model.{k[len('model.'):]}": v
@@ -70,11 +73,13 @@ def write_real_decoder_vlm(dest: Path, dtype: str = "float32") -> Path:
     proj = model.model.connector.modality_projection.proj.weight
     weights["model.connector.modality_projection.proj.weight"] = (
         mx.random.normal(proj.shape) * std / proj.shape[1] ** 0.5)
+    if not tied:
+        weights["lm_head.weight"] = weights["model.text_model.embed_tokens.weight"]
     model.load_weights(list(weights.items()), strict=False)
     params = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
     mx.save_safetensors(str(dest / "model.safetensors"), params)
     (dest / "config.json").write_text(json.dumps(cfg, indent=2))
-    write_processor_folder(dest, "smolvlm", TILE, (TILE // PATCH // SCALE) ** 2, TILE, VOCAB,
+    write_processor_folder(dest, "smolvlm", tile, (tile // PATCH // SCALE) ** 2, tile, VOCAB,
                            IMAGE_TOKEN_ID)
     return dest
 
