@@ -569,3 +569,37 @@ def test_server_fault_is_a_logged_500(caplog):
         assert "beyond the context" in assert_openai_error(r)["message"]
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 401}]})
         assert assert_openai_error(r)["code"] == "context_length_exceeded"  # 100 tokens x 4 characters
+
+
+def test_decode_budget_counts_what_the_decoder_decodes(tmp_path):
+    """`load_video(decode=False).decoded_frames`, which the decode budget uses, equals the
+    frames the decoder really produces to reach the sampled ones (GOP 12, B-frames)."""
+    import av
+    from video_synth import make_video
+
+    from mlx_smolvlm import video
+
+    path = make_video(tmp_path / "gop.mp4", 8, 6, 64, 64)
+    probe = video.load_video(path, decode=False)
+    produced = 0
+
+    class Counting:  # the container, counting the frames its decoder yields
+        def __init__(self, container):
+            self.container = container
+
+        def seek(self, *args, **kwargs):
+            return self.container.seek(*args, **kwargs)
+
+        def decode(self, stream):
+            nonlocal produced
+            for frame in self.container.decode(stream):
+                produced += 1
+                yield frame
+
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        pts, keys = video._frame_pts(c, stream)
+        frames = list(video._decode(Counting(c), stream, pts, keys, probe.indices))
+    print(f"{len(probe.indices)} samples of {probe.total_frames} frames: {produced} decoded, "
+          f"{probe.decoded_frames} counted")
+    assert len(frames) == len(probe.indices) > 2 and produced == probe.decoded_frames
