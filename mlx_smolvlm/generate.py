@@ -61,6 +61,8 @@ def generate_step(
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
     max_kv_size: int | None = None,
+    drafter=None,
+    stats=None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs) pairs, computing each next token while the current one is read.
 
@@ -69,6 +71,8 @@ def generate_step(
     `input_embeddings` (1, L, D), if given, are those of the uncached ids (images merged).
     `kv_bits` (4 or 8) stores the KV cache group-quantized once it holds `quantized_kv_start`
     positions; `max_kv_size` caps a new cache at that many positions (mlx-lm's options).
+    `drafter` (speculative.py, after its `begin`) decodes speculatively: greedy tokens are the
+    same, several per forward; `stats` (speculative.SpeculativeStats) counts the drafts.
     """
     check_kv_options(kv_bits, kv_group_size, max_kv_size)
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size)
@@ -78,6 +82,17 @@ def generate_step(
 
     def quantize():
         maybe_quantize_kv_cache(cache, kv_bits, kv_group_size, quantized_kv_start)
+
+    if drafter is not None:
+        # Imported here: speculative.py builds on this module's prefill.
+        from .speculative import SpeculativeStats, speculative_steps
+
+        yield from speculative_steps(
+            prompt, model, drafter, cache, quantize, input_embeddings=input_embeddings, max_tokens=max_tokens,
+            sampler=sampler, logits_processors=logits_processors, prefill_step_size=prefill_step_size,
+            kv_bits=kv_bits, quantized_kv_start=quantized_kv_start,
+            stats=stats if stats is not None else SpeculativeStats())
+        return
 
     def step(inputs: dict):
         quantize()
@@ -151,6 +166,8 @@ class GenerationResponse:
     peak_memory: float
     finish_reason: str | None = None
     cached_tokens: int = 0
+    draft_tokens: int = 0  # speculative decoding: drafts checked, and of those accepted
+    accepted_tokens: int = 0
 
 
 def check_length(model, n_prompt: int, max_tokens: int):
@@ -192,6 +209,7 @@ def stream_generate(
     max_kv_size: int | None = None,
     skip_special_tokens: bool = True,
     clip_to_context: bool = False,
+    draft=None,
     **controls,
 ) -> Iterator[GenerationResponse]:
     """Generate from chat `messages` (transformers' format) or a raw prompt string.
@@ -205,6 +223,8 @@ def stream_generate(
     (multi-turn chat) prefills only the tokens that follow what it already holds.
     KV-cache options (`kv_bits`, `kv_group_size`, `quantized_kv_start`, `max_kv_size`): see
     generate_step; `max_kv_size` applies to a cache made here (ChatCache takes its own).
+    `draft` (speculative.PromptLookup or DraftModel) turns on speculative decoding: greedy
+    output stays the same tokens, several per forward when drafts are accepted.
     """
     inputs = processor(prompt, images=images, **controls)
     ids = np.asarray(inputs["input_ids"])[0].tolist()
@@ -231,9 +251,16 @@ def stream_generate(
     embeds = None
     if pixels:
         embeds = model.get_input_embeddings(prompt_arr[None, start:], *pixels)
+    spec = {}
+    if draft is not None:
+        from .speculative import SpeculativeStats
+
+        draft.begin(processor, prompt, images, controls)
+        spec = {"drafter": draft, "stats": SpeculativeStats()}
     steps = generate_step(
         prompt_arr,
         model,
+        **spec,
         input_embeddings=embeds,
         prompt_cache=cache.layers,
         max_tokens=max_tokens,
@@ -263,10 +290,13 @@ def stream_generate(
                 peak_memory=mx.get_peak_memory() / 1e9,
                 finish_reason=finish,
                 cached_tokens=start,
+                draft_tokens=spec["stats"].drafted if spec else 0,
+                accepted_tokens=spec["stats"].accepted if spec else 0,
             )
             if finish:
                 break
     finally:
+        steps.close()  # a speculative loop trims what it ran ahead of the tokens taken
         cache.record(ids, generated, tiles)
 
 
@@ -289,11 +319,15 @@ def generate(model, processor, prompt, images=None, verbose: bool = False, **kwa
 
 def format_stats(r: GenerationResponse) -> str:
     cached = f" ({r.cached_tokens} cached)" if r.cached_tokens else ""
+    spec = ""
+    if r.draft_tokens:
+        spec = (f"Speculative: {r.draft_tokens} drafted, {r.accepted_tokens} accepted "
+                f"({100 * r.accepted_tokens / r.draft_tokens:.0f}%)\n")
     return (
         "==========\n"
         f"Prompt: {r.prompt_tokens} tokens{cached}, {r.prompt_tps:.1f} tokens-per-sec\n"
         f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens-per-sec\n"
-        f"Peak memory: {r.peak_memory:.3f} GB"
+        f"{spec}Peak memory: {r.peak_memory:.3f} GB"
     )
 
 

@@ -8,6 +8,7 @@ import io
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -281,3 +282,29 @@ def test_video_part(client, tmp_path, tmp_path_factory):
                                           {"type": "text", "text": "What happens?"}]}]
     assert r.choices[0].message.content == generate(model, processor, local, max_tokens=MAX_TOKENS)
     assert r.usage.prompt_tokens > 50  # the frames' tokens are in
+
+
+def test_prompt_lookup_per_request(client, solo, sample_images):
+    """Speculative decoding by prompt lookup, per request (`prompt_lookup_tokens`, our
+    extension): the same answers, concurrently with plain requests; usage reports the drafts
+    in OpenAI's predicted-output fields."""
+    requests = good_requests(sample_images)[:4]
+
+    def one(i):
+        extra = {"prompt_lookup_tokens": 5, "ngram_size": 2} if i % 2 == 0 else {}
+        return client.chat.completions.create(model="m", messages=requests[i], max_tokens=MAX_TOKENS,
+                                              extra_body=extra)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(4)))
+    drafted = 0
+    for i, r in enumerate(results):
+        assert r.choices[0].message.content == solo(requests[i])
+        details = r.usage.completion_tokens_details
+        if i % 2 and details is not None:
+            assert not details.accepted_prediction_tokens and not details.rejected_prediction_tokens
+        elif details is not None:
+            drafted += details.accepted_prediction_tokens + details.rejected_prediction_tokens
+    assert drafted > 0
+    with pytest.raises(openai.BadRequestError, match="prompt_lookup_tokens"):
+        client.chat.completions.create(model="m", messages=ask("x"), extra_body={"prompt_lookup_tokens": -1})
