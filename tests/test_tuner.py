@@ -21,9 +21,8 @@ from PIL import Image
 
 from mlx_smolvlm.loading import load_model
 from mlx_smolvlm.processing import load_processor
-from mlx_smolvlm.tuner.datasets import (
-    DatasetError, collate, encode, fit_length, load_split, row_messages,
-)
+from mlx_smolvlm.tuner.datasets import DatasetError, collate, load_split, row_messages
+from mlx_smolvlm.tuner.samples import encode, fit_length
 from mlx_smolvlm.tuner.layers import linear_to_lora_layers
 from mlx_smolvlm.tuner.trainer import grad_checkpoint, loss_fn
 
