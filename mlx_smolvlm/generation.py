@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from .cache import make_prompt_cache, maybe_quantize_kv_cache
+from .cache import QUANTIZED_KV_START, make_prompt_cache, maybe_quantize_kv_cache
 from .gguf import load_gguf
 from .loading import get_model_path, load_model
 from .processing import load_processor, text_processor
@@ -49,7 +49,7 @@ def generate_step(
     prefill_step_size: int = 512,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
-    quantized_kv_start: int = 0,
+    quantized_kv_start: int = QUANTIZED_KV_START,
     max_kv_size: int | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs) pairs, computing each next token while the current one is read.
@@ -168,7 +168,7 @@ def stream_generate(
     prefill_step_size: int = 512,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
-    quantized_kv_start: int = 0,
+    quantized_kv_start: int = QUANTIZED_KV_START,
     max_kv_size: int | None = None,
     skip_special_tokens: bool = True,
     clip_to_context: bool = False,

@@ -6,9 +6,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from make_generate_golden import gguf_path
+from margins import assert_same_greedy
 
 from mlx_smolvlm import load, stream_generate
-from mlx_smolvlm.cache import KVCache, make_prompt_cache
+from mlx_smolvlm.cache import QUANTIZED_KV_START, KVCache, make_prompt_cache
 from mlx_smolvlm.generation import generate_step
 from mlx_smolvlm.prompt_cache import PromptCache
 from mlx_smolvlm.quantized_cache import QuantizedKVCache, quantized_attention
@@ -102,9 +103,35 @@ def test_prompt_cache_reuse_with_capped_and_quantized_caches(smollm2):
     msgs = [{"role": "user", "content": "Name a planet."}]
     # The prompt is longer than 8 positions: the capped cache has evicted and cannot be rolled
     # back to the shared prefix, so the second call starts afresh; the quantized one reuses it.
+    # A reused prefix and a fresh prefill differ in their chunking only (float32 summation order):
+    # log-probs within 1e-3, and tokens equal where the margin is wider than that can move.
     for cache, kv, reused in ((PromptCache(model, max_kv_size=8), {}, False),
-                              (PromptCache(model), {"kv_bits": 8}, True)):
+                              (PromptCache(model), {"kv_bits": 8, "quantized_kv_start": 0}, True)):
         first = list(stream_generate(model, processor, msgs, max_tokens=4, prompt_cache=cache, **kv))
         again = list(stream_generate(model, processor, msgs, max_tokens=4, prompt_cache=cache, **kv))
-        assert [r.token for r in again] == [r.token for r in first]
+        ours, theirs = [r.token for r in again], [r.token for r in first]
+        n = assert_same_greedy(ours, [r.logprobs for r in again], theirs, 1e-3, at_least=2, what=str(kv))
+        move = max(float(mx.abs(a.logprobs - b.logprobs).max()) for a, b in zip(again[:n], first[:n]))
+        print(f"{kv}: reused vs fresh log-probs max abs diff {move:.1e}")
+        assert move <= 1e-3
         assert (again[-1].cached_tokens > 0) == reused
+
+
+def test_default_start_keeps_short_prompts_float_and_quantizes_long_ones(smollm2, prompt):
+    model, processor = smollm2
+    # Short: kv_bits=8 with the default start is the float cache's computation, bit for bit.
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    float_answer = list(stream_generate(model, processor, msgs, max_tokens=6))
+    quantized = list(stream_generate(model, processor, msgs, max_tokens=6, kv_bits=8))
+    assert all(mx.array_equal(a.logprobs, b.logprobs) for a, b in zip(float_answer, quantized))
+    # Long (past the default start): every layer ends up quantized (2 layers: only the cache matters).
+    ids = mx.array((prompt.tolist() * (QUANTIZED_KV_START // prompt.size + 2))[: QUANTIZED_KV_START + 100])
+    layers = model.model.layers
+    try:
+        model.model.layers = layers[:2]
+        cache = make_prompt_cache(model)
+        assert len(list(generate_step(ids, model, prompt_cache=cache, max_tokens=2, kv_bits=8))) == 2
+    finally:
+        model.model.layers = layers
+    assert len(cache) == 2 and all(isinstance(c, QuantizedKVCache) and c.bits == 8 for c in cache)
+    assert cache[0].offset == ids.size + 1
