@@ -14,7 +14,7 @@ import argparse
 from mlx_smolvlm.batch import BatchEngine, SamplingParams  # first: it preloads OpenBLAS for MLX
 
 import mlx.core as mx  # noqa: E402
-from mlx_smolvlm.generation import load, stream_generate
+from mlx_smolvlm.generate import load, stream_generate
 from mlx_smolvlm.gguf import packaged_smollm2
 
 QUESTIONS = [

@@ -85,8 +85,8 @@ def mlx_side(impl: str, model_dir: Path, config: str):
     kv_args = dict(kv_bits=int(kv), kv_group_size=64, quantized_kv_start=0) if kv else {}
     dtype = mx.float32 if config in ("float32", "4bit-f32") else mx.bfloat16
     if impl == "mlx_smolvlm":
-        from mlx_smolvlm.cache import make_prompt_cache
-        from mlx_smolvlm.generation import generate_step
+        from mlx_smolvlm.models.cache import make_prompt_cache
+        from mlx_smolvlm.generate import generate_step
         from mlx_smolvlm.loading import load_model
 
         model = load_model(model_dir, dtype=dtype)

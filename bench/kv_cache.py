@@ -19,10 +19,10 @@ import mlx_smolvlm  # noqa: F401  isort: skip  (first: puts the fast BLAS under 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_smolvlm.cache import make_prompt_cache, maybe_quantize_kv_cache
+from mlx_smolvlm.generate import load
 from mlx_smolvlm.gguf import packaged_smollm2
-from mlx_smolvlm.generation import load
 from mlx_smolvlm.loading import dequantize_model
+from mlx_smolvlm.models.cache import make_prompt_cache, maybe_quantize_kv_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 # name -> (kv_bits, kv_group_size, max_kv_size)

@@ -21,8 +21,8 @@ from mlx.utils import tree_flatten
 import mlx.core as mx
 import numpy as np
 
-from mlx_smolvlm.cache import make_prompt_cache
 from mlx_smolvlm.loading import load_model
+from mlx_smolvlm.models.cache import make_prompt_cache
 from mlx_smolvlm.video import frame_pixels
 
 GB = 1e9

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlx_smolvlm.vision import gelu_tanh
+from mlx_smolvlm.models.vision import gelu_tanh
 
 
 def ops(lib, L, D, M, H, dtype):

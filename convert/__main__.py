@@ -4,9 +4,9 @@ import argparse
 import signal
 import sys
 
-from mlx_smolvlm.loading import CheckpointError
+from mlx_smolvlm.errors import CheckpointError, ConvertError
 
-from .converter import DTYPES, ConvertError, convert
+from .converter import DTYPES, convert
 from .recipes import BITS, DESCRIPTIONS, GROUP_SIZES
 
 EPILOG = "recipes:\n" + "\n".join(f"  {k:8} {v}" for k, v in DESCRIPTIONS.items())

@@ -10,8 +10,8 @@ rope_parameters), and decide the tied head from `text_config.tie_word_embeddings
 import copy
 from dataclasses import fields
 
-from mlx_smolvlm.config import ModelConfig
-from mlx_smolvlm.layout import to_mlx_vlm
+from mlx_smolvlm.models.config import ModelConfig
+from mlx_smolvlm.weight_layout import to_mlx_vlm
 
 
 def explicit_config(raw: dict, config: ModelConfig) -> dict:

@@ -6,6 +6,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from mlx_smolvlm.errors import ConvertError
 from mlx_smolvlm.loading import get_model_path, load_config, load_model
 
 from .card import model_card
@@ -15,10 +16,6 @@ from .recipes import check_args, quantize_model, summarize
 from .save import MAX_SHARD_BYTES, copy_assets, folder_bytes, save_weights, staged_folder, write_json
 
 DTYPES = ("float16", "bfloat16", "float32")
-
-
-class ConvertError(ValueError):
-    pass
 
 
 def _log(msg: str):
@@ -76,10 +73,7 @@ def convert(
         raise ConvertError("--q-bits, --q-group-size and --recipe need -q/--quantize")
     bits, group_size, recipe = q_bits or 4, q_group_size or 64, recipe or "all"
     if quantize:
-        try:
-            check_args(bits, group_size, recipe)
-        except ValueError as e:
-            raise ConvertError(str(e)) from None
+        check_args(bits, group_size, recipe)
     if out.exists() and not overwrite:
         raise ConvertError(f"{out} already exists (pass --overwrite to replace it)")
 

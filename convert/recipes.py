@@ -2,6 +2,7 @@
 
 import mlx.nn as nn
 
+from mlx_smolvlm.errors import ConvertError
 from mlx_smolvlm.loading import QUANT_BITS, QUANT_GROUP_SIZES
 
 # The chosen --q-bits; any other number is a fixed width.
@@ -42,14 +43,14 @@ BITS, GROUP_SIZES = QUANT_BITS, QUANT_GROUP_SIZES
 
 def check_args(bits: int, group_size: int, recipe: str):
     if bits not in BITS:
-        raise ValueError(f"--q-bits {bits} is not supported (choose from {', '.join(map(str, BITS))})")
+        raise ConvertError(f"--q-bits {bits} is not supported (choose from {', '.join(map(str, BITS))})")
     if group_size not in GROUP_SIZES:
-        raise ValueError(
+        raise ConvertError(
             f"--q-group-size {group_size} is not supported "
             f"(choose from {', '.join(map(str, GROUP_SIZES))})"
         )
     if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r} (choose from {', '.join(RECIPES)})")
+        raise ConvertError(f"unknown recipe {recipe!r} (choose from {', '.join(RECIPES)})")
 
 
 def part_of(path: str) -> str | None:

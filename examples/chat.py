@@ -9,7 +9,7 @@ GGUF such as SmolLM2.
 import argparse
 
 from mlx_smolvlm import load, stream_generate
-from mlx_smolvlm.prompt_cache import PromptCache
+from mlx_smolvlm.chat_cache import ChatCache
 from mlx_smolvlm.sample_utils import make_sampler
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -18,7 +18,7 @@ parser.add_argument("--image", help="an image to talk about (first turn)")
 args = parser.parse_args()
 
 model, processor = load(args.model)
-cache = PromptCache(model)
+cache = ChatCache(model)
 sampler = make_sampler(temp=0.7, top_p=0.9)
 text_only = processor.image_processor is None
 messages = []

@@ -14,10 +14,10 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .batch_cache import BatchKVCache
-from .generation import check_length, prefill
-from .prompt_cache import tile_digests
-from .reuse_cache import FeatureCache, PrefixCache
+from .chat_cache import tile_digests
+from .generate import check_length, prefill
+from .models.cache import BatchKVCache
+from .prefix_cache import FeatureCache, PrefixCache
 from .sample_utils import apply_top_p
 from .text_stream import TextStream
 
@@ -63,8 +63,10 @@ def make_row_sampler(temp: float, top_p: float, seed: int | None) -> Callable:
 
 
 class Sequence:
-    def __init__(self, inputs: dict, params: SamplingParams, on_event: Callable, tokenizer):
+    def __init__(self, inputs: dict, params: SamplingParams, on_event: Callable, tokenizer,
+                 partition: bytes = b""):
         self.inputs = inputs
+        self.partition = partition  # cache partition (tenant, cache_salt): reuse only within it
         self.ids = np.asarray(inputs["input_ids"])[0].tolist()
         self.params = params
         self.on_event = on_event
@@ -103,9 +105,10 @@ class BatchEngine:
         self._pending: deque[Sequence] = deque()
         self._lock = threading.Lock()
 
-    def add(self, inputs: dict, params: SamplingParams, on_event: Callable) -> Sequence:
-        """Queue a prompt (processor output); raises ValueError if it cannot fit."""
-        seq = Sequence(inputs, params, on_event, self.processor.tokenizer)
+    def add(self, inputs: dict, params: SamplingParams, on_event: Callable, partition: bytes = b"") -> Sequence:
+        """Queue a prompt (processor output); raises InvalidRequestError if it cannot fit. Cached
+        prompts and image features are shared only between sequences of one `partition`."""
+        seq = Sequence(inputs, params, on_event, self.processor.tokenizer, partition)
         check_length(self.model, len(seq.ids), params.max_tokens)
         with self._lock:
             self._pending.append(seq)
@@ -174,10 +177,11 @@ class BatchEngine:
     def _prefill(self, seq: Sequence) -> list:
         model, inputs, ids, p = self.model, seq.inputs, seq.ids, seq.params
         seq.sampler = make_row_sampler(p.temperature, p.top_p, p.seed)
-        tiles = tile_digests(inputs)
+        # Salted digests keep both the feature cache and the prefix cache's tiles per partition.
+        tiles = [seq.partition + d for d in tile_digests(inputs)]
         pv = inputs.get("pixel_values")
         per_tile = model.tokens_per_image(*pv.shape[-2:]) if pv is not None else 1
-        cache = self.prefixes.lookup(ids, tiles, per_tile)
+        cache = self.prefixes.lookup(ids, tiles, per_tile, seq.partition)
         start = seq.cached = cache.offset
         k = cache.tiles_in(ids[:start])
         arr = mx.array(ids)
@@ -190,7 +194,7 @@ class BatchEngine:
         last = prefill(model, arr[start:], embeds, cache.layers, self.prefill_step_size)
         logits = model(**last, cache=cache.layers)[:, -1, :]
         cache.tokens, cache.tiles = ids, tiles
-        self.prefixes.store(cache)
+        self.prefixes.store(cache, seq.partition)
         self._emit([seq], logits)
         return cache.layers
 

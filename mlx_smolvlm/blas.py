@@ -17,12 +17,14 @@ import os
 import sys
 import warnings
 
+from .errors import SmolVLMError
+
 ENV, THREADS_ENV = "MLX_SMOLVLM_BLAS", "MLX_SMOLVLM_BLAS_THREADS"
 ON, OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
 ACCEPTS = f"{ENV} accepts 1/on/true (the system OpenBLAS), 0/off/false (MLX's bundled BLAS) or a BLAS library's path"
 
 
-class SettingError(ValueError):
+class SettingError(SmolVLMError):
     """MLX_SMOLVLM_BLAS names no loadable BLAS."""
 
 # libopenblas.so.0 defines every BLAS and LAPACK symbol libmlx.so imports; Debian's

@@ -1,274 +1,289 @@
-"""The command line: describe images, answer and chat with SmolVLM (or a text-only GGUF).
+"""Generation: load, the cached decode loop (chunked prefill, one step evaluated ahead),
+stop conditions and streaming responses. `main` runs the command line of cli.py."""
 
-    python -m mlx_smolvlm.generate --image photo.jpg --prompt "Describe this image."
-"""
-
-import argparse
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import mlx.core as mx
+import numpy as np
 
-from . import blas
-from .cache import QUANTIZED_KV_START, KVCache
-# generate and stream_generate also importable from here, as in mlx-lm
-from .generation import format_stats, generate, load, stream_generate  # noqa: F401
-from .loading import get_model_path
-from .model import Model
+from .chat_cache import ChatCache, n_tiles, tile_digests
+from .errors import InvalidRequestError
+from .gguf import load_gguf
+from .loading import get_model_path, load_model
+from .models.cache import QUANTIZED_KV_START, make_prompt_cache, maybe_quantize_kv_cache
 from .processing import load_processor, text_processor
-from .prompt_cache import PromptCache
-from .sample_utils import make_logits_processors, make_sampler
+from .sample_utils import make_sampler
+from .text_stream import TextStream
 from .tokenizer import Tokenizer
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
+
+def load(path_or_repo: str | Path, dtype: mx.Dtype | None = None, lazy: bool = False):
+    """Load a model and its processor from a folder, a Hub repo id or a `.gguf` file.
+
+    Returns `(model, processor)`. A GGUF file gives a text-only decoder (e.g. SmolLM2).
+    """
+    if str(path_or_repo).endswith(".gguf"):
+        path = Path(path_or_repo).expanduser()
+        model, metadata = load_gguf(path, dtype=dtype, lazy=lazy)
+        return model, text_processor(Tokenizer.from_gguf(path, metadata))
+    path = get_model_path(str(path_or_repo))
+    return load_model(path, dtype=dtype, lazy=lazy), load_processor(path)
 
 
-def estimate_peak_memory(
-    cfg, weight_bytes: int, tiles: int, prompt_tokens: int, max_tokens: int, dtype_bytes: int
-) -> float:
-    """A rough peak-memory prediction in GB for --dry-run: weights, KV cache and the larger
-    of the vision tower's activations (one batch of tiles) and one prefill chunk's."""
-    t = getattr(cfg, "text_config", cfg)
-    L = -(-(prompt_tokens + max_tokens) // KVCache.step) * KVCache.step
-    kv = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * L * dtype_bytes
-    vision = 0
-    if tiles:
-        v, n = cfg.vision_config, min(tiles, Model.vision_batch_size)
-        P = v.patches_per_side**2
-        acts = n * P * (6 * v.hidden_size + 2 * v.intermediate_size) * dtype_bytes
-        vision = acts + n * v.num_attention_heads * P * P * 4
-    C = min(512, prompt_tokens)
-    prefill = C * (6 * t.hidden_size + 3 * t.intermediate_size) * dtype_bytes
-    prefill += t.num_attention_heads * C * prompt_tokens * 4 + t.vocab_size * 4
-    return (weight_bytes + kv + max(vision, prefill)) / 1e9
+def text_config(model):
+    # A VLM keeps its decoder's config under text_config; a TextModel's config is one.
+    return getattr(model.config, "text_config", model.config)
 
 
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16, "stored": None}
+def generate_step(
+    prompt: mx.array,
+    model,
+    *,
+    input_embeddings: mx.array | None = None,
+    prompt_cache: list | None = None,
+    max_tokens: int = 256,
+    sampler: Callable | None = None,
+    logits_processors: list[Callable] | None = None,
+    prefill_step_size: int = 512,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = QUANTIZED_KV_START,
+    max_kv_size: int | None = None,
+) -> Iterator[tuple[int, mx.array]]:
+    """Yield (token, logprobs) pairs, computing each next token while the current one is read.
+
+    `prompt` holds the whole context's ids (1-D). A `prompt_cache` may already hold a prefix
+    of it; only the rest is prefilled, in chunks of `prefill_step_size`.
+    `input_embeddings` (1, L, D), if given, are those of the uncached ids (images merged).
+    `kv_bits` (4 or 8) stores the KV cache group-quantized once it holds `quantized_kv_start`
+    positions; `max_kv_size` caps a new cache at that many positions (mlx-lm's options).
+    """
+    check_kv_options(kv_bits, kv_group_size, max_kv_size)
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size)
+    sampler = sampler or make_sampler()
+    logits_processors = logits_processors or []
+    tokens = prompt
+
+    def quantize():
+        maybe_quantize_kv_cache(cache, kv_bits, kv_group_size, quantized_kv_start)
+
+    def step(inputs: dict):
+        quantize()
+        logits = model(**inputs, cache=cache)[:, -1, :]
+        if logits_processors:
+            for p in logits_processors:
+                logits = p(tokens, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs), logprobs.squeeze(0)
+
+    ids = prompt[cache[0].offset :]
+    y, logprobs = step(prefill(model, ids, input_embeddings, cache, prefill_step_size, quantize))
+    mx.async_eval(y, logprobs)
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:
+            if logits_processors:
+                tokens = mx.concatenate([tokens, y])
+            next_y, next_logprobs = step({"input_ids": y[None]})
+            mx.async_eval(next_y, next_logprobs)
+        yield y.item(), logprobs
+        if n + 1 < max_tokens:
+            y, logprobs = next_y, next_logprobs
 
 
-def pick_dtype(choice: str) -> tuple[mx.Dtype | None, str]:
-    """The compute dtype for `--dtype` (None: as stored), and why, for --verbose."""
-    if choice != "auto":
-        return DTYPES[choice], f"{choice} (--dtype)"
-    if mx.default_device() == mx.cpu and blas.state["library"]:
-        # MLX's CPU backend sends float32 matmuls to the BLAS; bfloat16 ones it computes itself,
-        # ~10x slower than OpenBLAS (bench/real_config_forward.py).
-        return mx.float32, "float32 (fastest on a CPU with a fast BLAS; --dtype to override)"
-    return None, "as stored (--dtype to override)"
+def prefill(model, ids: mx.array, input_embeddings, cache: list, step_size: int,
+            before_chunk: Callable = lambda: None) -> dict:
+    """Run all but the last position of the uncached prompt `ids` (or of its
+    `input_embeddings`) through `cache`, in chunks of `step_size`; returns the model inputs
+    of that last position, whose logits give the first token."""
+
+    def chunk(i, j):
+        if input_embeddings is not None:
+            return {"input_embeddings": input_embeddings[:, i:j]}
+        return {"input_ids": ids[None, i:j]}
+
+    new, done = ids.size, 0
+    while new - done > 1:
+        n = min(step_size, new - done - 1)
+        before_chunk()
+        model(**chunk(done, done + n), cache=cache)
+        mx.eval([c.state for c in cache])
+        done += n
+        mx.clear_cache()
+    return chunk(done, new)
 
 
-def _checked(kind, ok, what):
-    def parse(s):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {s!r}") from None
-        if not ok(v):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {s}")
-        return v
-
-    return parse
+def check_kv_options(kv_bits, kv_group_size, max_kv_size):
+    if kv_bits is not None and kv_bits not in (4, 8):
+        raise InvalidRequestError(f"kv_bits must be 4 or 8, got {kv_bits}")
+    if kv_group_size not in (32, 64, 128):
+        raise InvalidRequestError(f"kv_group_size must be 32, 64 or 128, got {kv_group_size}")
+    if kv_bits is not None and max_kv_size is not None:
+        raise InvalidRequestError("a rotating cache (max_kv_size) cannot be quantized (kv_bits), as in mlx-lm")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mlx_smolvlm.generate", description="Describe images, answer and chat with SmolVLM in MLX."
-    )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub repo id, local folder or .gguf file")
-    p.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
-    p.add_argument("--prompt", help="the question (default with images: 'Describe this image.')")
-    p.add_argument("--system", help="a system message")
-    at_least_1 = _checked(int, lambda v: v >= 1, ">= 1")
-    p.add_argument("--max-tokens", type=at_least_1, default=256)
-    p.add_argument("--temp", type=_checked(float, lambda v: v >= 0, ">= 0"), default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=_checked(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=1.0)
-    p.add_argument("--top-k", type=_checked(int, lambda v: v >= 0, ">= 0"), default=0, help="0 = off")
-    p.add_argument("--min-p", type=_checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.0)
-    p.add_argument("--repetition-penalty", type=_checked(float, lambda v: v > 0, "> 0"))
-    p.add_argument(
-        "--repetition-context-size", type=_checked(int, lambda v: v >= 0, ">= 0"), default=20,
-        help="tokens the repetition penalty looks back over (0 = all)",
-    )
-    p.add_argument("--seed", type=int, help="random seed for sampling")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--keep-special-tokens", action="store_true",
-                   help="keep added special tokens in the text (DocTags models: <doctag>, <loc_N> ...)")
-    split = p.add_mutually_exclusive_group()
-    split.add_argument("--no-split", action="store_true", help="one global tile per image, no tiling")
-    split.add_argument("--max-tiles", type=at_least_1, help="tiles per image at most")
-    p.add_argument("--video", action="append", default=[], help="video file (repeatable; SmolVLM2)")
-    p.add_argument("--fps", type=_checked(float, lambda v: v > 0, "> 0"),
-                   help="video frames sampled per second (default: the model's, 1)")
-    p.add_argument("--max-frames", type=_checked(int, lambda v: v >= 1, ">= 1"),
-                   help="most frames per video (default: the model's, 64)")
-    p.add_argument("--frame-size", type=_checked(int, lambda v: v >= 1, ">= 1"),
-                   help="square video frame side in pixels; smaller means fewer tokens per frame "
-                   "(256M/500M: 512 or a multiple of 64 below; 2.2B: 384 or a multiple of 42 below; "
-                   "default: the model's)")
-    kv = p.add_argument_group("KV cache (as in mlx-lm)")
-    kv.add_argument("--kv-bits", type=int, choices=[4, 8], help="store the KV cache group-quantized")
-    kv.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64)
-    kv.add_argument("--quantized-kv-start", type=_checked(int, lambda v: v >= 0, ">= 0"),
-                    default=QUANTIZED_KV_START,
-                    help=f"quantize once the cache holds this many positions (default {QUANTIZED_KV_START}: "
-                    "short prompts keep the float answer, videos still get the saving; 0: from the start)")
-    kv.add_argument("--max-kv-size", type=_checked(int, lambda v: v > 4, "> 4"),
-                    help="cap the cache at this many positions (rotating: the first 4 and the most recent)")
-    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="compute dtype of the float weights (auto: float32 on a CPU with a fast BLAS, "
-                   "else as stored)")
-    p.add_argument("--verbose", action="store_true", help="print prompt/decode speed and peak memory")
-    p.add_argument("--dry-run", action="store_true", help="report tiles, tokens and predicted memory only")
-    return p
+@dataclass
+class GenerationResponse:
+    """One streamed step: the new text and token, and the running statistics.
+
+    `finish_reason` is None while generating, then "stop" (end of utterance / eos or a
+    stop string) or "length" (max_tokens). Speeds are tokens per second; memory is in GB.
+    """
+
+    text: str
+    token: int
+    logprobs: mx.array
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: str | None = None
+    cached_tokens: int = 0
 
 
-def message(processor, role: str, text: str, images=(), videos=()) -> dict:
-    if not (images or videos):
-        return processor.text_message(role, text)
-    if processor.image_processor is None:
-        raise ValueError("this model has no image processor: it takes text only")
-    content = [{"type": "video", "path": x} for x in videos]
-    content += [{"type": "image", "url" if "://" in str(x) else "path": x} for x in images]
-    return {"role": role, "content": content + [{"type": "text", "text": text}]}
+def check_length(model, n_prompt: int, max_tokens: int):
+    if max_tokens < 1:
+        raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
+    limit = text_config(model).max_position_embeddings
+    if n_prompt + max_tokens > limit:
+        raise InvalidRequestError(
+            f"the prompt has {n_prompt} tokens and max_tokens is {max_tokens}: {n_prompt + max_tokens} "
+            f"is beyond the model's context length of {limit} tokens"
+        )
 
 
-def first_messages(processor, args) -> list[dict]:
-    messages = [message(processor, "system", args.system)] if args.system else []
-    if args.prompt is not None or args.image or args.video:
-        messages.append(message(processor, "user", args.prompt or "", args.image, args.video))
-    return messages
+def stream_generate(
+    model,
+    processor,
+    prompt,
+    images=None,
+    *,
+    max_tokens: int = 256,
+    sampler: Callable | None = None,
+    logits_processors: list[Callable] | None = None,
+    stop: list[str] | None = None,
+    prompt_cache: ChatCache | None = None,
+    prefill_step_size: int = 512,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = QUANTIZED_KV_START,
+    max_kv_size: int | None = None,
+    skip_special_tokens: bool = True,
+    clip_to_context: bool = False,
+    **controls,
+) -> Iterator[GenerationResponse]:
+    """Generate from chat `messages` (transformers' format) or a raw prompt string.
 
+    Yields a GenerationResponse per token. `skip_special_tokens=False` keeps added special
+    tokens in the text (DocTags: `<doctag>`, `<loc_12>` ...; `stop` strings may be such
+    tokens); the end-of-sequence token ends generation and is never text. A prompt plus
+    `max_tokens` beyond the context length is an error, unless `clip_to_context`: then
+    generation ends where the context does (finish_reason "length"). `controls` go to the processor
+    (do_image_splitting, max_tiles, longest_edge). A `prompt_cache` kept across calls
+    (multi-turn chat) prefills only the tokens that follow what it already holds.
+    KV-cache options (`kv_bits`, `kv_group_size`, `quantized_kv_start`, `max_kv_size`): see
+    generate_step; `max_kv_size` applies to a cache made here (ChatCache takes its own).
+    """
+    inputs = processor(prompt, images=images, **controls)
+    ids = np.asarray(inputs["input_ids"])[0].tolist()
+    if clip_to_context:
+        max_tokens = min(max_tokens, text_config(model).max_position_embeddings - len(ids))
+    check_length(model, len(ids), max_tokens)
+    check_kv_options(kv_bits, kv_group_size, max_kv_size)
+    cache = prompt_cache if prompt_cache is not None else ChatCache(model, max_kv_size)
+    if "pixel_values" in inputs:  # tokens per tile follow the pixel size (small video frames)
+        cache.image_seq_len = model.tokens_per_image(*inputs["pixel_values"].shape[-2:])
+    # Digests only matter to a cache a later call may reuse (SHA1 of a 64-frame video: 200 MB).
+    tiles = tile_digests(inputs) if prompt_cache is not None else [None] * n_tiles(inputs)
+    start = cache.trim_to(cache.reusable_prefix(ids, tiles))
+    k = cache.tiles_in(ids[:start])
+    pixels = None
+    if len(tiles) > k:
+        pam = inputs.get("pixel_attention_mask")
+        pixels = (mx.array(inputs["pixel_values"][:, k:]), None if pam is None else mx.array(pam[:, k:]))
 
-def dry_run(args, controls) -> str:
-    if args.model.endswith(".gguf"):
-        from .gguf import read_gguf
-        from .gguf import text_config as gguf_text_config
-
-        path = Path(args.model).expanduser()
-        weights, metadata = read_gguf(path)
-        cfg = gguf_text_config(metadata, weights)
-        processor = text_processor(Tokenizer.from_gguf(path, metadata))
-        weight_bytes, dtype_bytes = path.stat().st_size, 4
-    else:
-        from .config import ModelConfig
-        from .loading import load_config
-
-        path = get_model_path(args.model)
-        raw = load_config(path)
-        cfg = ModelConfig.from_dict(raw)
-        processor = load_processor(path)
-        weight_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        dtype_bytes = 2 if raw.get("torch_dtype", raw.get("dtype")) in ("bfloat16", "float16") else 4
-        dtype = pick_dtype(args.dtype)[0]
-        if dtype is not None and not raw.get("quantization"):
-            weight_bytes = weight_bytes * dtype.size // dtype_bytes
-        dtype_bytes = dtype.size if dtype is not None else dtype_bytes
-    messages = first_messages(processor, args)
-    report = processor.preflight(messages, **controls)
-    n_prompt = processor(messages, **controls)["input_ids"].shape[1]
-    limit = getattr(cfg, "text_config", cfg).max_position_embeddings
-    tiles = report.total_tiles + sum(len(v.indices) for v, _, _ in report.videos)
-    peak = estimate_peak_memory(cfg, weight_bytes, tiles, n_prompt, args.max_tokens, dtype_bytes)
-    lines = [str(report)] if report.images or report.videos else []
-    lines += [
-        f"prompt: {n_prompt} tokens + up to {args.max_tokens} new = {n_prompt + args.max_tokens} "
-        f"of {limit} context",
-        f"predicted peak memory: {peak:.3f} GB (weights {weight_bytes / 1e9:.3f} GB)",
-    ]
-    if n_prompt + args.max_tokens > limit:
-        raise ValueError(lines[-2] + ": beyond the context length")
-    return "\n".join(lines)
-
-
-def stream_to_stdout(model, processor, messages, args, controls, prompt_cache=None):
-    text, r = "", None
-    for r in stream_generate(
+    text_stream = TextStream(processor.tokenizer, max_tokens, stop, skip_special_tokens)
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    prompt_arr = mx.array(ids)
+    embeds = None
+    if pixels:
+        embeds = model.get_input_embeddings(prompt_arr[None, start:], *pixels)
+    steps = generate_step(
+        prompt_arr,
         model,
-        processor,
-        messages,
-        max_tokens=args.max_tokens,
-        sampler=make_sampler(args.temp, args.top_p, args.top_k, args.min_p),
-        logits_processors=make_logits_processors(args.repetition_penalty, args.repetition_context_size),
-        stop=args.stop,
-        prompt_cache=prompt_cache,
-        kv_bits=args.kv_bits,
-        kv_group_size=args.kv_group_size,
-        quantized_kv_start=args.quantized_kv_start,
-        max_kv_size=args.max_kv_size,
-        skip_special_tokens=not args.keep_special_tokens,
-        **controls,
-    ):
-        print(r.text, end="", flush=True)
+        input_embeddings=embeds,
+        prompt_cache=cache.layers,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=logits_processors,
+        prefill_step_size=prefill_step_size,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        quantized_kv_start=quantized_kv_start,
+    )
+    generated = []
+    try:
+        for n, (token, logprobs) in enumerate(steps):
+            if n == 0:
+                prompt_time = time.perf_counter() - tic
+                tic = time.perf_counter()
+            generated.append(token)
+            text, finish = text_stream.add(token)
+            yield GenerationResponse(
+                text=text,
+                token=token,
+                logprobs=logprobs,
+                prompt_tokens=len(ids),
+                prompt_tps=(len(ids) - start) / prompt_time,
+                generation_tokens=n + 1,
+                generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
+                peak_memory=mx.get_peak_memory() / 1e9,
+                finish_reason=finish,
+                cached_tokens=start,
+            )
+            if finish:
+                break
+    finally:
+        cache.record(ids, generated, tiles)
+
+
+def generate(model, processor, prompt, images=None, verbose: bool = False, **kwargs) -> str:
+    """Generate the whole answer and return its text.
+
+    With `verbose`, stream it to stdout and print the statistics. For the statistics
+    as values, read the last GenerationResponse of `stream_generate`.
+    """
+    text = ""
+    for r in stream_generate(model, processor, prompt, images, **kwargs):
+        if verbose:
+            print(r.text, end="", flush=True)
         text += r.text
-    print()
-    if args.verbose:
+    if verbose:
+        print()
         print(format_stats(r))
     return text
 
 
-def chat(model, processor, messages, args, controls):
-    cache = PromptCache(model, args.max_kv_size)
-    prompt, images, videos = args.prompt, args.image, args.video
-    print("Chat: type a message; Ctrl-D or an empty line ends.", file=sys.stderr)
-    while True:
-        if prompt is None:
-            try:
-                prompt = input(">> ")
-            except EOFError:
-                print()
-                return
-            if not prompt.strip():
-                return
-        messages.append(message(processor, "user", prompt, images, videos))
-        reply = stream_to_stdout(model, processor, messages, args, controls, cache)
-        messages.append(processor.reply_message(reply))
-        prompt, images, videos = None, (), ()
+def format_stats(r: GenerationResponse) -> str:
+    cached = f" ({r.cached_tokens} cached)" if r.cached_tokens else ""
+    return (
+        "==========\n"
+        f"Prompt: {r.prompt_tokens} tokens{cached}, {r.prompt_tps:.1f} tokens-per-sec\n"
+        f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens-per-sec\n"
+        f"Peak memory: {r.peak_memory:.3f} GB"
+    )
 
 
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for x in args.image:
-        if "://" not in x and not x.startswith("data:") and not Path(x).expanduser().is_file():
-            parser.error(f"--image {x}: no such file")
-    for x in args.video:
-        if not Path(x).expanduser().is_file():
-            parser.error(f"--video {x}: no such file")
-    if args.prompt is None and not args.chat:
-        if not args.image and not args.video:
-            parser.error("--prompt is required without --image or --video")
-        args.prompt = "Describe this video." if args.video else "Describe this image."
-    if args.seed is not None:
-        mx.random.seed(args.seed)
-    controls = {"do_image_splitting": False} if args.no_split else {}
-    if args.max_tiles:
-        controls["max_tiles"] = args.max_tiles
-    for name in ("fps", "max_frames", "frame_size"):
-        if getattr(args, name) is not None:
-            controls[name] = getattr(args, name)
-    try:
-        if args.dry_run:
-            print(dry_run(args, controls))
-            return 0
-        dtype, why = pick_dtype(args.dtype)
-        if args.verbose:
-            print(f"dtype: {why}\n{blas.describe()}", file=sys.stderr)
-        model, processor = load(args.model, dtype=dtype)
-        if args.chat:
-            system = [message(processor, "system", args.system)] if args.system else []
-            chat(model, processor, system, args, controls)
-        else:
-            stream_to_stdout(model, processor, first_messages(processor, args), args, controls)
-        return 0
-    except KeyboardInterrupt:
-        # The partial answer is already on stdout; end its line and leave quietly.
-        print(flush=True)
-        print("[interrupted]", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def main(argv=None) -> int:
+    """The command line (mlx_smolvlm/cli.py), run as `python -m mlx_smolvlm.generate`."""
+    from .cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

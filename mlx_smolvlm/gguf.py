@@ -10,9 +10,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .config import ConfigError, TextConfig
-from .language import TextModel
-from .loading import CheckpointError, apply_quantization, cast_float, load_weights_strict
+from .errors import CheckpointError, ConfigError
+from .loading import apply_quantization, cast_float, load_weights_strict
+from .models.config import TextConfig
+from .models.language import TextModel
 
 GROUP_SIZE = 32
 

@@ -14,13 +14,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from .errors import ImageError, InvalidRequestError
+
 # transformers' MAX_IMAGE_SIZE: a hard cap (4k) applied after the longest-edge resize
 MAX_IMAGE_SIZE = 4096
 URL_TIMEOUT = 10.0
-
-
-class ImageError(ValueError):
-    pass
 
 
 def _name(source):
@@ -188,9 +186,9 @@ class ImageProcessor:
         split = self.do_image_splitting if do_image_splitting is None else do_image_splitting
         edge = self.size["longest_edge"] if longest_edge is None else longest_edge
         if edge < 1:
-            raise ValueError(f"longest_edge must be positive, got {edge}")
+            raise InvalidRequestError(f"longest_edge must be positive, got {edge}")
         if max_tiles is not None and max_tiles < 1:
-            raise ValueError(f"max_tiles must be at least 1, got {max_tiles}")
+            raise InvalidRequestError(f"max_tiles must be at least 1, got {max_tiles}")
         tile = self.tile_size
         while True:
             resized = (height, width)

@@ -7,16 +7,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import layout
-from .config import ConfigError, ModelConfig
-from .model import Model
+from . import weight_layout
+from .errors import CheckpointError, ConfigError, LayoutError
+from .models.config import ModelConfig
+from .models.smolvlm import Model
 
 # What a SmolVLM checkpoint needs from the Hub; nothing else is downloaded.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def get_model_path(path_or_repo: str, revision: str | None = None) -> Path:
@@ -173,14 +170,14 @@ def load_model(path_or_repo: str | Path, dtype: mx.Dtype | None = None, lazy: bo
     path = get_model_path(str(path_or_repo))
     raw = load_config(path)
     try:
-        config = ModelConfig.from_dict(dict(raw, quantization=layout.quantization_of(raw)))
-    except (ConfigError, layout.LayoutError) as e:
+        config = ModelConfig.from_dict(dict(raw, quantization=weight_layout.quantization_of(raw)))
+    except (ConfigError, LayoutError) as e:
         raise CheckpointError(f"{path}/config.json: {e}") from None
     model = Model(config)
     weights = load_safetensors(path)
     try:
-        layout.detect(weights)
-    except layout.LayoutError as e:
+        weight_layout.detect(weights)
+    except LayoutError as e:
         raise CheckpointError(f"{path}: {e}") from None
     weights = model.sanitize(weights)
     if dtype is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import InvalidRequestError, MediaError
 from .image_processing import URL_TIMEOUT, ImageError, ImageProcessor, load_image
 from .processor_config import read_processor_settings
 from .tokenizer import Tokenizer, load_tokenizer, read_json
@@ -28,10 +29,6 @@ VIDEO_TOKEN = "<video>"
 VIDEO_CONTROLS = ("fps", "max_frames", "skip_secs", "frame_size")
 # transformers' Idefics3Processor has no video input: these models never saw the video prompt.
 NO_VIDEO_MODEL_TYPES = ("idefics3",)
-
-
-class MediaError(ValueError):
-    """Media the checkpoint cannot take (a video for a model never trained on video)."""
 
 
 def image_prompt(rows, cols, image_seq_len, image_token, fake_image_token, global_image_token):
@@ -184,7 +181,7 @@ class Processor:
         if isinstance(messages, str):
             return messages, list(images or [])
         if images:
-            raise ValueError("pass images inside the messages, or a prompt string with `images=`")
+            raise InvalidRequestError("pass images inside the messages, or a prompt string with `images=`")
         prompt = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         return prompt, message_images(messages)
 
@@ -192,12 +189,12 @@ class Processor:
         n = prompt.count(self.image_token)
         if n != len(images):
             names = ", ".join(repr(getattr(i, "filename", None) or str(i)[:60]) for i in images)
-            raise ValueError(
+            raise InvalidRequestError(
                 f"the prompt has {n} {self.image_token} placeholder(s) but {len(images)} image(s) "
                 f"were given{': ' + names if images else ''}"
             )
         if images and self.image_processor is None:
-            raise ValueError("this model has no image processor: it takes text only")
+            raise InvalidRequestError("this model has no image processor: it takes text only")
 
     def preflight(self, messages_or_images, videos=None, **controls):
         """Tiles, frames and image tokens per image, per video and in total, from image
@@ -209,7 +206,7 @@ class Processor:
         else:
             sources = list(messages_or_images)
         if sources and self.image_processor is None:
-            raise ValueError("this model has no image processor: it takes text only")
+            raise InvalidRequestError("this model has no image processor: it takes text only")
         plans = [
             self.image_processor.plan(*_upright_size(s, self.timeout), **controls) for s in sources
         ]
@@ -227,11 +224,14 @@ class Processor:
     def _image_prompt(self, plan):
         return image_prompt(plan.rows, plan.cols, self.image_seq_len, **self.image_tokens)
 
-    def __call__(self, messages, images=None, add_generation_prompt=True, videos=None, **controls):
+    def __call__(self, messages, images=None, add_generation_prompt=True, videos=None,
+                 return_pieces=False, **controls):
         """Model inputs as numpy arrays (batch of 1): input_ids, attention_mask and, with images
         or videos, pixel_values and pixel_attention_mask (tiles and frames in prompt order).
         `controls`: do_image_splitting, max_tiles, longest_edge; for videos fps, max_frames,
-        skip_secs, frame_size (all off by default)."""
+        skip_secs, frame_size (all off by default). `return_pieces` adds "prompt_pieces": the
+        prompt's text between placeholders at even indices, each placeholder's expansion at odd
+        ones (the fine-tuning mask maps chat-template spans through them)."""
         prompt, sources = self._prompt_and_images(messages, images, add_generation_prompt)
         self._check_counts(prompt, sources)
         video_controls = {k: controls.pop(k) for k in VIDEO_CONTROLS if k in controls}
@@ -240,7 +240,7 @@ class Processor:
         # frames smaller than the image tiles are padded to them and cost a tile's tokens
         side = self.image_processor.tile_size if sources else 0
         media = self._videos(prompt, videos or [], video_controls, side)
-        out = {}
+        out, pieces = {}, [prompt]
         if sources:
             pil = [load_image(s, self.timeout) for s in sources]
             pixel_values, mask, plans = self.image_processor(pil, **controls)
@@ -250,8 +250,11 @@ class Processor:
                 for p, a, b in zip(plans, tiles, tiles[1:])
             ]
         if media["image"] or media["video"]:
-            prompt, pixel_values, mask = self._expand(prompt, media)
+            pieces, pixel_values, mask = self._expand(prompt, media)
+            prompt = "".join(pieces)
             out = {"pixel_values": pixel_values, "pixel_attention_mask": mask}
+        if return_pieces:
+            out["prompt_pieces"] = pieces
         # chat-template output already holds its special tokens, as transformers assumes
         ids = self.tokenizer.encode(prompt, add_special_tokens=isinstance(messages, str))
         input_ids = np.array([ids], dtype=np.int64)
@@ -260,7 +263,7 @@ class Processor:
     def _videos(self, prompt, videos, controls, min_side=0):
         n = prompt.count(VIDEO_TOKEN)
         if n != len(videos):
-            raise ValueError(
+            raise InvalidRequestError(
                 f"the prompt has {n} {VIDEO_TOKEN} placeholder(s) but {len(videos)} video(s) "
                 "were given"
             )
@@ -277,7 +280,7 @@ class Processor:
 
     def _check_video(self):
         if self.image_processor is None:
-            raise ValueError("this model has no image processor: it takes text only")
+            raise InvalidRequestError("this model has no image processor: it takes text only")
         if self.model_type in NO_VIDEO_MODEL_TYPES:
             raise MediaError(
                 f"model_type {self.model_type!r} takes no video: it was not trained on video "
@@ -294,15 +297,15 @@ class Processor:
         # 6 px unseen). A smaller frame must be whole units, or its patch grid would not
         # divide by the scale factor.
         if not (size == tile or (0 < size < tile and size % unit == 0)):
-            raise ValueError(f"frame_size must be {tile} or a multiple of {unit} below it, got {size}")
+            raise InvalidRequestError(f"frame_size must be {tile} or a multiple of {unit} below it, got {size}")
         # Tokens per frame follow its (padded) side: a smaller frame_size costs fewer.
         side = max(size, min_side)
         block = image_prompt(0, 0, (side // unit) ** 2, **self.image_tokens)
         return options, block
 
     def _expand(self, prompt, media):
-        """Replace `<image>` / `<video>` in prompt order; stack their tiles and frames,
-        zero-padded to a common size as the reference pads a batch."""
+        """Replace `<image>` / `<video>` in prompt order (returned as the new prompt's pieces);
+        stack their tiles and frames, zero-padded to a common size as the reference pads a batch."""
         pattern = f"({re.escape(self.image_token)}|{re.escape(VIDEO_TOKEN)})"
         queues = {self.image_token: iter(media["image"]), VIDEO_TOKEN: iter(media["video"])}
         text, pixels, masks = [], [], []
@@ -322,7 +325,7 @@ class Processor:
             pixel_values[0, i : i + len(p), :, : p.shape[2], : p.shape[3]] = p
             mask[0, i : i + len(p), : m.shape[1], : m.shape[2]] = m
             i += len(p)
-        return "".join(text), pixel_values, mask
+        return text, pixel_values, mask
 
 
 def load_processor(path, timeout=URL_TIMEOUT):

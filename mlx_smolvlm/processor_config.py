@@ -14,14 +14,11 @@ built from the image processor's (`preprocessor_config.json`).
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import ProcessorConfigError
 from .tokenizer import read_json
 
 LEGACY, NESTED = "preprocessor_config.json", "processor_config.json"
 VIDEO = "video_preprocessor_config.json"  # transformers 4.5x wrote the video processor here
-
-
-class ProcessorConfigError(ValueError):
-    pass
 
 
 @dataclass

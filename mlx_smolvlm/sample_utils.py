@@ -10,6 +10,8 @@ from typing import Callable
 
 import mlx.core as mx
 
+from .errors import InvalidRequestError
+
 NEG_INF = float("-inf")
 
 
@@ -54,13 +56,13 @@ def greedy(logprobs: mx.array) -> mx.array:
 def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Callable:
     """A sampler: greedy when `temp` is 0, else sampling from the filtered distribution."""
     if temp < 0:
-        raise ValueError(f"temperature must be >= 0, got {temp}")
+        raise InvalidRequestError(f"temperature must be >= 0, got {temp}")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+        raise InvalidRequestError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0.0 <= min_p < 1.0:
-        raise ValueError(f"min_p must be in [0, 1), got {min_p}")
+        raise InvalidRequestError(f"min_p must be in [0, 1), got {min_p}")
     if temp == 0:
         return greedy
     return partial(categorical, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p)
@@ -84,7 +86,7 @@ def make_logits_processors(
     if repetition_penalty is None or repetition_penalty == 1.0:
         return []
     if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        raise InvalidRequestError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     if repetition_context_size is not None and repetition_context_size < 0:
-        raise ValueError(f"repetition_context_size must be >= 0, got {repetition_context_size}")
+        raise InvalidRequestError(f"repetition_context_size must be >= 0, got {repetition_context_size}")
     return [partial(penalize_repetition, penalty=repetition_penalty, context_size=repetition_context_size)]

@@ -9,13 +9,10 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
+from .errors import TokenizerError
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 GGUF_CONTROL = 3  # llama.cpp token type of `<|im_start|>` and friends
-
-
-class TokenizerError(ValueError):
-    pass
 
 
 def _template_env():

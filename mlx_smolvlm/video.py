@@ -13,6 +13,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .errors import VideoError
+
 # Strings of transformers' processing_smolvlm.py; the model was trained on them.
 VIDEO_INTRO = (
     "You are provided the following series of {frame_count} frames "
@@ -21,6 +23,10 @@ VIDEO_INTRO = (
 FRAME_TIMESTAMP = "\nFrame from {timestamp}:"
 MEDIA_OUTRO = "\n\n"
 MAX_IMAGE_SIZE = 4096
+# FFmpeg may open only real containers and only the one file: never concat lists, HLS
+# playlists, image2 patterns or anything else that reads other files or URLs.
+DEMUXERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,gif"
+OPEN_OPTIONS = {"format_whitelist": DEMUXERS, "protocol_whitelist": "file"}
 # transformers' SmolVLM2 DEFAULT_CHAT_TEMPLATE: the reference renders any conversation that
 # holds a video with it, whatever template the checkpoint ships.
 CHAT_TEMPLATE = (
@@ -33,10 +39,6 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
-
-
-class VideoError(ValueError):
-    pass
 
 
 @dataclass
@@ -117,9 +119,10 @@ def _open(path: Path):
     if path.stat().st_size == 0:
         raise VideoError(f"{path}: the file is empty")
     try:
-        container = av.open(str(path))
+        container = av.open(str(path), options=dict(OPEN_OPTIONS))
     except av.FFmpegError as e:
-        raise VideoError(f"{path}: not a readable video ({_reason(e)})") from None
+        raise VideoError(f"{path}: not a readable video in a supported container "
+                         f"(mp4/mov, mkv/webm, avi, gif) ({_reason(e)})") from None
     if not container.streams.video:
         container.close()
         raise VideoError(f"{path}: has no video stream (audio only?)")

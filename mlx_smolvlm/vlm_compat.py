@@ -15,7 +15,7 @@ One import line switches it:
 As in mlx-vlm, special tokens stay in the text (DocTags are added special tokens).
 """
 
-from .generation import format_stats, load, stream_generate as _stream_generate
+from .generate import format_stats, load, stream_generate as _stream_generate
 from .loading import get_model_path
 from .loading import load_config as _load_config
 from .sample_utils import make_sampler

@@ -224,7 +224,7 @@ def main():
 
     from provenance import stamp
 
-    from mlx_smolvlm.generation import load
+    from mlx_smolvlm.generate import load
     from mlx_smolvlm.tokenizer import Tokenizer
 
     golden = {"tiny": {}}

@@ -1,7 +1,7 @@
 """What a golden fixture was made from: the reference's versions and a digest of each input.
 
 Every golden writer stores `stamp(...)` beside its data, so that a test whose golden disagrees
-with the live reference can say which one moved (tests/goldens.py).
+with the live reference can say which one moved (tests/helpers.py).
 """
 
 import hashlib

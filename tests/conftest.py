@@ -1,7 +1,5 @@
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -10,10 +8,6 @@ import pytest
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 import mlx_smolvlm  # noqa: F401  before any test module imports mlx.core: see mlx_smolvlm/blas.py
-
-# The fixture generators in scripts/ (make_golden.py, make_checkpoint.py, ...) are importable by the tests.
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,9 @@ import mlx.core as mx
 import pytest
 
 from mlx_smolvlm.batch import BatchEngine, SamplingParams, batch_generate
-from mlx_smolvlm.batch_cache import BatchKVCache
-from mlx_smolvlm.cache import make_prompt_cache
-from mlx_smolvlm.generation import load, stream_generate
+from mlx_smolvlm.generate import load, stream_generate
+from mlx_smolvlm.models.cache import BatchKVCache
+from mlx_smolvlm.models.cache import make_prompt_cache
 
 MAX_TOKENS = 16
 

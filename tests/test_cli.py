@@ -1,29 +1,19 @@
 """`python -m mlx_smolvlm.generate` as a user runs it: real weights (the SmolLM2 GGUF),
 a tiny VLM checkpoint with images, chat, dry-run, bad input and Ctrl-C."""
 
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from helpers import CLI_ENV, ROOT, cli
 from make_generate_golden import gguf_path
 from margins import assert_same_greedy
 
 from mlx_smolvlm import blas
-from mlx_smolvlm.generate import pick_dtype
-from mlx_smolvlm.generation import load, stream_generate
-
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-
-
-def cli(*args, stdin=None, timeout=120):
-    cmd = [sys.executable, "-m", "mlx_smolvlm.generate", *map(str, args)]
-    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=ENV)
+from mlx_smolvlm.cli import pick_dtype
+from mlx_smolvlm.generate import load, stream_generate
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +120,7 @@ def test_bad_model_and_context_length_give_one_line(tiny, images):
 def test_ctrl_c_prints_the_partial_answer_and_exits_cleanly():
     cmd = [sys.executable, "-m", "mlx_smolvlm.generate", "--model", str(gguf_path()), "--max-tokens", "200",
            "--prompt", "Write a long story about a dragon."]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=ENV)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=CLI_ENV)
     seen = b""
     deadline = time.time() + 120
     while len(seen.split()) < 3 and time.time() < deadline:

@@ -13,7 +13,7 @@ that both layouts give identical inputs (every array) and identical loaded weigh
 equal in every value to another (SmolDocling, as far as its values could be confirmed) shares
 that one's cells instead of rerunning them. The
 two-image prompt starts with the one-image prompt's image, so it runs through the same
-PromptCache, as a chat would: only the second image's tiles go through the vision tower,
+ChatCache, as a chat would: only the second image's tiles go through the vision tower,
 and the result must still equal transformers' uncached run.
 
 transformers' video processor needs torchvision, which the pinned environment lacks: the
@@ -36,12 +36,12 @@ import mlx.core as mx  # noqa: E402
 from conformance_presets import PRESETS, reference_processor, write_checkpoint  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from PIL import Image  # noqa: E402
-from test_model import max_rel_diff  # noqa: E402
+from helpers import max_rel_diff  # noqa: E402
 
-from mlx_smolvlm.generation import stream_generate  # noqa: E402
+from mlx_smolvlm.chat_cache import ChatCache  # noqa: E402
+from mlx_smolvlm.generate import stream_generate  # noqa: E402
 from mlx_smolvlm.loading import load_model  # noqa: E402
 from mlx_smolvlm.processing import load_processor  # noqa: E402
-from mlx_smolvlm.prompt_cache import PromptCache  # noqa: E402
 
 STEPS = 16
 TOL = 1e-4  # fp32: max |ours - ref| of last-position log-probs / max(1, max |ref|)
@@ -139,8 +139,6 @@ def test_video_processor_settings_are_its_own(checkpoints, media, tmp_path):
     resize 2048 vs 1536, fps 2 / 4 frames vs fps 1 / 64): frames follow the video processor,
     as transformers' SmolVLMVideoProcessor does (its settings are read live; its frames need
     torchvision, so frame 0 is compared with its golden frame from tests/fixtures/video)."""
-    from test_video import ARRAYS
-
     from mlx_smolvlm.video import frame_pixels, resize_frame, sample_frame_indices
 
     _, v5, ref_model = checkpoints("HuggingFaceTB/SmolVLM2-256M-Video-Instruct")
@@ -167,7 +165,8 @@ def test_video_processor_settings_are_its_own(checkpoints, media, tmp_path):
     assert inputs["pixel_values"].shape[1] == len(sample_frame_indices(72, 24, 3.0, 2, 4)) == 4
     # frame 0 is transformers' own (golden) frame at 2048 -> 512; the image processor's 1536
     # would give other pixels
-    decoded, golden = ARRAYS["short_24fps/decoded"][0], ARRAYS["short_24fps/real"][0]
+    arrays = np.load(Path(__file__).parent / "fixtures" / "video" / "golden.npz")
+    decoded, golden = arrays["short_24fps/decoded"][0], arrays["short_24fps/real"][0]
     assert np.array_equal(inputs["pixel_values"][0, 0], frame_pixels(golden[None])[0])
     assert not np.array_equal(resize_frame(decoded, 1536, 512), golden)
 
@@ -223,7 +222,7 @@ def test_conformance(name, checkpoints, media, capsys):
     for case in cases:
         msgs = messages(case, media)
         if case != "two_images":  # two_images continues the image case's cache (its prefix)
-            cache = PromptCache(model)
+            cache = ChatCache(model)
         tokens, logprobs = our_greedy(model, ours["legacy"], msgs, cache)
         ref_tokens, ref_logprobs = reference_greedy(ref_model, inputs[case])
         diff = max_rel_diff(logprobs, ref_logprobs)

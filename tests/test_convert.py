@@ -12,8 +12,9 @@ from mlx.utils import tree_flatten
 from mlx_smolvlm.convert import ConvertError, RECIPES, convert, quantize_model
 from mlx_smolvlm.convert.__main__ import main
 from mlx_smolvlm.convert.quality import agreement, all_logits, image_prompt
-from mlx_smolvlm.layout import to_mlx_vlm
-from mlx_smolvlm.loading import CheckpointError, load_model, load_safetensors
+from mlx_smolvlm.errors import CheckpointError
+from mlx_smolvlm.loading import load_model, load_safetensors
+from mlx_smolvlm.weight_layout import to_mlx_vlm
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PRESETS = ("tiny-idefics3", "tiny-smolvlm")

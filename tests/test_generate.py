@@ -15,13 +15,14 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from goldens import assert_agrees
+from helpers import assert_agrees
 from make_generate_golden import GOLDEN, SCENARIOS, TINY, TINY_MAX_TOKENS, assistant, reply_text
 from make_generate_golden import scenario_turns, tiny_folder, user, write_images
 
+from mlx_smolvlm.chat_cache import ChatCache
 from mlx_smolvlm.detokenizer import StreamingDetokenizer
-from mlx_smolvlm.generation import generate, load, stream_generate
-from mlx_smolvlm.prompt_cache import PromptCache
+from mlx_smolvlm.errors import InvalidRequestError
+from mlx_smolvlm.generate import generate, load, stream_generate
 from mlx_smolvlm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 from mlx_smolvlm.sample_utils import make_sampler
 
@@ -64,8 +65,8 @@ def tiny(tmp_path_factory, images):
 
 
 def run_turns(model, processor, turns, **kwargs):
-    """Our side of a scenario: one PromptCache across the turns, as the CLI's --chat."""
-    cache, messages, results = PromptCache(model), [], []
+    """Our side of a scenario: one ChatCache across the turns, as the CLI's --chat."""
+    cache, messages, results = ChatCache(model), [], []
     for turn in turns:
         messages += turn
         responses = list(stream_generate(model, processor, messages, max_tokens=TINY_MAX_TOKENS,
@@ -169,15 +170,15 @@ def test_stop_strings_end_the_text_and_are_never_streamed(tiny, images):
 def test_context_length_is_checked_before_any_work(tiny, images):
     model, processor = tiny["tiny-idefics3"].model, tiny["tiny-idefics3"].processor
     messages = scenario_turns("tiled", images)[0]
-    with pytest.raises(ValueError, match="beyond the model's context length of 2048"):
+    with pytest.raises(InvalidRequestError, match="beyond the model's context length of 2048"):
         next(stream_generate(model, processor, messages, max_tokens=2000))
-    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+    with pytest.raises(InvalidRequestError, match="max_tokens must be >= 1"):
         next(stream_generate(model, processor, messages, max_tokens=0))
 
 
 def test_second_turn_about_the_same_image_never_runs_the_vision_tower(tiny, images, monkeypatch):
     model, processor = tiny["tiny-idefics3"].model, tiny["tiny-idefics3"].processor
-    cache = PromptCache(model)
+    cache = ChatCache(model)
     turn = [{"role": "user", "content": [{"type": "image", "path": images["wide.png"]},
                                          {"type": "text", "text": "a"}]}]
     tokens = [r.token for r in stream_generate(model, processor, turn, max_tokens=3, prompt_cache=cache)]
@@ -192,7 +193,7 @@ def test_second_turn_about_the_same_image_never_runs_the_vision_tower(tiny, imag
 def test_cache_is_rebuilt_when_a_new_turn_changes_the_cached_images(tiny, images):
     model, processor = tiny["tiny-idefics3"].model, tiny["tiny-idefics3"].processor
     wide, square = images["wide.png"], images["square.png"]
-    cache = PromptCache(model)
+    cache = ChatCache(model)
     first = [{"role": "user", "content": [{"type": "image", "path": wide}, {"type": "text", "text": "a"}]}]
     list(stream_generate(model, processor, first, max_tokens=2, prompt_cache=cache))
     other = [{"role": "user", "content": [{"type": "image", "path": square}, {"type": "text", "text": "a"}]}]
@@ -233,7 +234,7 @@ def test_sampling_filters():
     assert kept(apply_min_p(logits, float(p[1] / p[5]) - 1e-3)) == {0, 1, 5}
     assert make_sampler(0.0)(logits).item() == 5
     for bad in (dict(temp=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(min_p=1.0)):
-        with pytest.raises(ValueError):
+        with pytest.raises(InvalidRequestError):
             make_sampler(**{"temp": 1.0, **bad})
     if HAS_TORCH:
         filters_match_transformers()
@@ -305,7 +306,7 @@ def test_second_turn_reuses_all_of_the_first(tmp_path, images, source):
     tok = processor.tokenizer
     # The reply ends with the end-of-turn token the template writes after a stored reply.
     target = tok.encode(" Red, green and blue.", add_special_tokens=False) + [tok.convert_tokens_to_ids(end)]
-    cache = PromptCache(model)
+    cache = ChatCache(model)
     n_prompt = len(processor(messages)["input_ids"][0])
     first = list(stream_generate(model, processor, messages, max_tokens=len(target) + 1, prompt_cache=cache,
                                  logits_processors=[forcing(n_prompt, target)]))

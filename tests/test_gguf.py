@@ -20,13 +20,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from goldens import check_inputs
+from helpers import check_inputs
 from make_generate_golden import GGUF_MAX_TOKENS, GGUF_PROMPTS, GGUF_SYSTEM, GOLDEN, LOGITS_TOP, gguf_path
 from make_generate_golden import gguf_prompt_ids
 
-from mlx_smolvlm.generation import load, stream_generate
+from mlx_smolvlm.errors import CheckpointError
+from mlx_smolvlm.generate import load, stream_generate
 from mlx_smolvlm.gguf import load_gguf, read_gguf, unpermute_rows
-from mlx_smolvlm.loading import CheckpointError
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers")
 LOGITS_TOL = 1e-3

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from goldens import assert_agrees, check_inputs
+from helpers import assert_agrees, check_inputs
 from provenance import read_stamp, stamp
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -7,9 +7,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_smolvlm import connector, kernels
+from mlx_smolvlm.errors import InvalidRequestError
+from mlx_smolvlm.models import connector, kernels
 from make_checkpoint import PRESETS
-from mlx_smolvlm.config import ModelConfig
+from mlx_smolvlm.models.config import ModelConfig
 
 GPU_REASON = "no GPU backend: MLX here has neither Metal nor CUDA, the kernel cannot run"
 needs_gpu = pytest.mark.skipif(not kernels.can_use_kernel(), reason=GPU_REASON)
@@ -55,7 +56,7 @@ def test_kernel_non_contiguous_input(r):
 
 @needs_gpu
 def test_kernel_rejects_bad_grid():
-    with pytest.raises(ValueError, match="square patch grid"):
+    with pytest.raises(InvalidRequestError, match="square patch grid"):
         kernels.pixel_shuffle(mx.zeros((1, 10 * 10, 4)), 3)
 
 

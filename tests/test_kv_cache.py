@@ -9,11 +9,11 @@ from make_generate_golden import gguf_path
 from margins import assert_same_greedy
 
 from mlx_smolvlm import load, stream_generate
-from mlx_smolvlm.cache import QUANTIZED_KV_START, KVCache, make_prompt_cache
-from mlx_smolvlm.generation import generate_step
-from mlx_smolvlm.prompt_cache import PromptCache
-from mlx_smolvlm.quantized_cache import QuantizedKVCache, quantized_attention
-from mlx_smolvlm.rotating_cache import RotatingKVCache
+from mlx_smolvlm.chat_cache import ChatCache
+from mlx_smolvlm.errors import InvalidRequestError
+from mlx_smolvlm.generate import generate_step
+from mlx_smolvlm.models.base import quantized_attention
+from mlx_smolvlm.models.cache import QUANTIZED_KV_START, KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
 
 # Next-token KL(float || quantized) in nats over the decode steps below, at most (measured:
 # 8-bit 1.1e-4, 4-bit 3.1e-2; bench/kv_cache.py has long contexts):
@@ -76,7 +76,7 @@ def test_generate_step_quantizes_from_start(smollm2, prompt):
                           prefill_step_size=64)
     assert len(list(steps)) == 3
     assert all(isinstance(c, QuantizedKVCache) for c in cache) and cache[0].offset == prompt.size + 2
-    with pytest.raises(ValueError, match="cannot be quantized"):
+    with pytest.raises(InvalidRequestError, match="cannot be quantized"):
         next(generate_step(prompt, model, kv_bits=8, max_kv_size=64))
 
 
@@ -105,8 +105,8 @@ def test_prompt_cache_reuse_with_capped_and_quantized_caches(smollm2):
     # back to the shared prefix, so the second call starts afresh; the quantized one reuses it.
     # A reused prefix and a fresh prefill differ in their chunking only (float32 summation order):
     # log-probs within 1e-3, and tokens equal where the margin is wider than that can move.
-    for cache, kv, reused in ((PromptCache(model, max_kv_size=8), {}, False),
-                              (PromptCache(model), {"kv_bits": 8, "quantized_kv_start": 0}, True)):
+    for cache, kv, reused in ((ChatCache(model, max_kv_size=8), {}, False),
+                              (ChatCache(model), {"kv_bits": 8, "quantized_kv_start": 0}, True)):
         first = list(stream_generate(model, processor, msgs, max_tokens=4, prompt_cache=cache, **kv))
         again = list(stream_generate(model, processor, msgs, max_tokens=4, prompt_cache=cache, **kv))
         ours, theirs = [r.token for r in again], [r.token for r in first]

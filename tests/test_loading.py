@@ -8,9 +8,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_smolvlm.config import ConfigError, ModelConfig
-from mlx_smolvlm.connector import pixel_shuffle
-from mlx_smolvlm.loading import CheckpointError, get_model_path, load_model
+from mlx_smolvlm.errors import CheckpointError, ConfigError, InvalidRequestError
+from mlx_smolvlm.loading import get_model_path, load_model
+from mlx_smolvlm.models.config import ModelConfig
+from mlx_smolvlm.models.connector import pixel_shuffle
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "tiny-idefics3"
@@ -142,7 +143,7 @@ def test_image_token_count_must_match_feature_rows():
     T = model.config.image_seq_len
     ids = mx.array([[1, 2] + [300] * (2 * T - 1) + [3]])  # two images, one token short
     pv = mx.ones((1, 2, 3, 32, 32))
-    with pytest.raises(ValueError, match=rf"{2 * T - 1} image tokens but the 2 image\(s\) give {2 * T}"):
+    with pytest.raises(InvalidRequestError, match=rf"{2 * T - 1} image tokens but the 2 image\(s\) give {2 * T}"):
         model.get_input_embeddings(ids, pv)
 
 

@@ -17,8 +17,9 @@ import pytest
 from PIL import Image
 
 from mlx_smolvlm import vlm_compat
+from mlx_smolvlm.errors import CheckpointError, InvalidRequestError
 from mlx_smolvlm.generate import main as cli
-from mlx_smolvlm.loading import CheckpointError, dequantize_model, load_model, load_safetensors
+from mlx_smolvlm.loading import dequantize_model, load_model, load_safetensors
 
 pytest.importorskip("mlx_vlm")
 pytest.importorskip("torch")
@@ -196,9 +197,9 @@ def test_max_tokens_8192_is_clipped_to_the_context_for_docling(folders):
     rs = list(vlm_compat.stream_generate(model, processor, prompt, max_tokens=8192,
                                          logits_processors=[lambda t, x: x.at[:, 5].add(1e4)]))
     assert rs[-1].finish_reason == "length" and rs[-1].prompt_tokens + len(rs) == 40
-    from mlx_smolvlm.generation import stream_generate
+    from mlx_smolvlm.generate import stream_generate
 
-    with pytest.raises(ValueError, match="beyond the model's context length of 40"):
+    with pytest.raises(InvalidRequestError, match="beyond the model's context length of 40"):
         next(stream_generate(model, processor, prompt, max_tokens=8192))
 
 

@@ -13,23 +13,16 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from goldens import assert_agrees, check_inputs
+from helpers import assert_agrees, check_inputs, max_rel_diff, our_stages
 from provenance import read_stamp
 
-from mlx_smolvlm.cache import make_prompt_cache
 from mlx_smolvlm.loading import load_model
-from mlx_smolvlm.vision import patch_attention_mask
+from mlx_smolvlm.models.cache import make_prompt_cache
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = ("tiny-idefics3", "tiny-smolvlm")
 TOL = {"float32": 1e-4, "bfloat16": 3e-2}
 HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers")
-
-
-def max_rel_diff(ours, ref) -> float:
-    ours, ref = np.asarray(ours, dtype=np.float32), np.asarray(ref, dtype=np.float32)
-    assert ours.shape == ref.shape
-    return float(np.abs(ours - ref).max() / max(1.0, np.abs(ref).max()))
 
 
 def reference(name: str, dtype: str):
@@ -44,26 +37,6 @@ def reference(name: str, dtype: str):
     from make_golden import load_reference, reference_outputs
 
     return inputs, reference_outputs(load_reference(FIXTURES / name, dtype), inputs), stored, record
-
-
-def our_stages(model, inputs: dict) -> dict:
-    ids = mx.array(inputs["input_ids"])
-    pv, pam = mx.array(inputs["pixel_values"]), mx.array(inputs["pixel_attention_mask"])
-    B, N, C, H, W = pv.shape
-    # The reference drops all-zero padding images before the vision tower; so do we.
-    real = np.flatnonzero(np.abs(inputs["pixel_values"]).reshape(B * N, -1).sum(-1) > 0)
-    pixels = pv.reshape(B * N, C, H, W)[mx.array(real)].transpose(0, 2, 3, 1)
-    pmask = patch_attention_mask(pam.reshape(B * N, H, W)[mx.array(real)], model.config.vision_config.patch_size)
-    dtype = model.model.vision_model.embeddings.patch_embedding.weight.dtype
-    vision = model.model.vision_model(pixels.astype(dtype), pmask)
-    connector = model.model.connector(vision)
-    embeds = model.get_input_embeddings(ids, pv, pam)
-    return {
-        "vision_hidden": vision,
-        "connector": connector.reshape(-1, connector.shape[-1]),
-        "embeds": embeds,
-        "logits": model(ids, pv, pam),
-    }
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -13,9 +13,10 @@ import pytest
 from make_checkpoint import PRESETS, build_model
 from make_golden import make_inputs, reference_outputs
 from make_tokenizer import write_processor_folder
-from test_model import max_rel_diff, our_stages
+from helpers import max_rel_diff, our_stages
 from video_synth import VIDEOS, make_video
 
+from mlx_smolvlm.errors import InvalidRequestError
 from mlx_smolvlm.loading import load_model
 from mlx_smolvlm.processing import load_processor
 
@@ -53,5 +54,5 @@ def test_video_on_384_px_tiles(tmp_path):
     assert out["pixel_values"].shape == (1, 3, 3, 384, 384) and n_tokens(out) == 3 * 81
     small = proc(messages, frame_size=336)  # 8 x 42: an 8x8 token grid
     assert small["pixel_values"].shape[-1] == 336 and n_tokens(small) == 3 * 64
-    with pytest.raises(ValueError, match="frame_size must be 384 or a multiple of 42 below it, got 300"):
+    with pytest.raises(InvalidRequestError, match="frame_size must be 384 or a multiple of 42 below it, got 300"):
         proc(messages, frame_size=300)

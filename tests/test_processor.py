@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from goldens import check_inputs
+from helpers import check_inputs
 from PIL import Image
 
+from mlx_smolvlm.errors import InvalidRequestError, TokenizerError
 from mlx_smolvlm.image_processing import ImageError
 from mlx_smolvlm.processing import load_processor
 
@@ -344,7 +345,7 @@ def test_raw_prompt_and_text_only_model(processor_folder):
     prompt = text.apply_chat_template([{"role": "user", "content": "hi"}])
     assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     assert "pixel_values" not in text(prompt)
-    with pytest.raises(ValueError, match="text only"):
+    with pytest.raises(InvalidRequestError, match="text only"):
         text("<image>", images=[rgb(4, 4)])
 
 
@@ -491,16 +492,16 @@ def test_bad_image_gives_clear_error(name, processor_folder, tmp_path):
 
 def test_placeholder_count_mismatch(processor_folder):
     proc = load_processor(processor_folder(**SETUPS["small-tiles"]))
-    with pytest.raises(ValueError, match="2 <image> placeholder.*1 image"):
+    with pytest.raises(InvalidRequestError, match="2 <image> placeholder.*1 image"):
         proc("<image><image>hi", images=[rgb(8, 8)])
-    with pytest.raises(ValueError, match="0 <image> placeholder.*1 image"):
+    with pytest.raises(InvalidRequestError, match="0 <image> placeholder.*1 image"):
         proc("hi", images=[rgb(8, 8)])
-    with pytest.raises(ValueError, match="1 <image> placeholder.*0 image"):
+    with pytest.raises(InvalidRequestError, match="1 <image> placeholder.*0 image"):
         proc([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}])
 
 
 def test_missing_processor_folder(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_processor(tmp_path / "absent")
-    with pytest.raises(ValueError, match="no tokenizer.json"):
+    with pytest.raises(TokenizerError, match="no tokenizer.json"):
         load_processor(tmp_path)

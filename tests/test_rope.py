@@ -6,8 +6,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_smolvlm.config import ConfigError, TextConfig
-from mlx_smolvlm.language import RoPE
+from mlx_smolvlm.errors import ConfigError
+from mlx_smolvlm.models.config import TextConfig
+from mlx_smolvlm.models.language import RoPE
 
 TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, rope_theta=100000.0, max_position_embeddings=4096)

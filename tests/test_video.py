@@ -12,11 +12,12 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from test_model import max_rel_diff
-from goldens import assert_agrees, check_inputs
+from helpers import max_rel_diff
+from helpers import assert_agrees, check_inputs
 from make_video_golden import GENERATION, STEPS, generation_inputs_record, reference_greedy, tiny_inputs
 from video_synth import BITS, VIDEOS, frame_image, make_video, shipped
 
+from mlx_smolvlm.errors import InvalidRequestError
 from mlx_smolvlm.video import (
     CHAT_TEMPLATE,
     VIDEO_INTRO,
@@ -306,12 +307,12 @@ def test_video_controls(fast_processor, videos):
     assert int((out["input_ids"] == processor.image_token_id).sum()) == 8 * 16
     text = processor.tokenizer.decode(out["input_ids"][0].tolist())
     assert "series of eight frames from a 0:01:10" in text
-    with pytest.raises(ValueError, match="frame_size must be 512 or a multiple of 64 below it"):
+    with pytest.raises(InvalidRequestError, match="frame_size must be 512 or a multiple of 64 below it"):
         processor(messages, frame_size=100)
 
 
 def test_video_count_mismatch(processor, videos):
-    with pytest.raises(ValueError, match="1 <video> placeholder"):
+    with pytest.raises(InvalidRequestError, match="1 <video> placeholder"):
         processor("<video> and <video>".replace(" and <video>", ""), videos=[])
     with pytest.raises(VideoError, match="gone.mp4: no such video file"):
         processor([{"role": "user", "content": [{"type": "video", "path": "gone.mp4"}]}])
@@ -326,7 +327,7 @@ TINY = Path(__file__).parent / "fixtures" / "tiny-smolvlm"
 def _our_greedy(inputs):
     import mlx.core as mx
 
-    from mlx_smolvlm.cache import make_prompt_cache
+    from mlx_smolvlm.models.cache import make_prompt_cache
     from mlx_smolvlm.loading import load_model
 
     model = load_model(TINY)
@@ -385,7 +386,7 @@ def tiny_vlm(tmp_path_factory):
 
 
 def test_cli_video_dry_run_and_generation(tiny_vlm, videos, tmp_path):
-    from test_cli import cli
+    from helpers import cli
 
     r = cli("--model", tiny_vlm, "--video", videos["short_24fps"], "--video", videos["long_30fps"],
             "--max-frames", 8, "--dry-run")
@@ -406,7 +407,7 @@ def test_cli_video_dry_run_and_generation(tiny_vlm, videos, tmp_path):
 
 
 def test_cli_bad_video_gives_one_line(tiny_vlm, tmp_path):
-    from test_cli import cli
+    from helpers import cli
 
     r = cli("--model", tiny_vlm, "--video", tmp_path / "none.mp4")
     assert r.returncode == 2 and "--video" in r.stderr and "none.mp4: no such file" in r.stderr
@@ -423,7 +424,7 @@ def test_video_to_a_model_never_trained_on_video_is_refused(tmp_path, videos):
     # SmolVLM v1 (and the docling models): model_type idefics3, whose reference processor has
     # no video input. Refused before any decoding, naming the model type.
     from make_generate_golden import tiny_folder
-    from test_cli import cli
+    from helpers import cli
 
     from mlx_smolvlm.processing import MediaError, load_processor
 

@@ -4,10 +4,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..errors import InvalidRequestError
+from ..weight_layout import from_mlx_vlm
 from .config import ModelConfig
 from .connector import Connector
 from .language import LanguageModel, lm_logits
-from .layout import from_mlx_vlm
 from .vision import VisionModel, patch_attention_mask
 
 
@@ -86,7 +87,7 @@ class Model(nn.Module):
         per_image = self.tokens_per_image(H, W)
         n_rows = len(real_idx) * per_image
         if n_tokens != n_rows:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"input_ids hold {n_tokens} image tokens but the {len(real_idx)} image(s) give "
                 f"{n_rows} feature rows ({per_image} per image): the prompt and "
                 "the pixel values do not belong together"

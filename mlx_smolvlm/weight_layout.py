@@ -11,6 +11,8 @@
 The mapping between the two is a fixed prefix table, so it is exact and invertible.
 """
 
+from .errors import LayoutError
+
 # (mlx-vlm prefix, our prefix); the head comes before the rest of `language_model.`.
 PREFIXES = (
     ("language_model.lm_head", "lm_head"),
@@ -19,10 +21,6 @@ PREFIXES = (
     ("connector.", "model.connector."),
 )
 OURS = ("model.", "lm_head")
-
-
-class LayoutError(ValueError):
-    pass
 
 
 def _under(key: str, prefix: str) -> bool:

@@ -3,10 +3,10 @@ tiles), so a later turn prefills only what follows the part it shares with the c
 
 import hashlib
 
-from .cache import make_prompt_cache
+from .models.cache import make_prompt_cache
 
 
-class PromptCache:
+class ChatCache:
     """A KV cache that remembers what it holds (tokens and image tiles), so a later chat
     turn prefills only what follows the part it shares with the cache."""
 
@@ -44,7 +44,7 @@ class PromptCache:
     def trim_to(self, n: int) -> int:
         """Keep the first `n` positions; returns how many are kept: none once a rotating
         cache has evicted some, as it can no longer be rolled back."""
-        if self.offset > n and not all(getattr(c, "can_trim", lambda: True)() for c in self.layers):
+        if self.offset > n and not all(c.is_trimmable() for c in self.layers):
             self.layers[:] = self.fresh()
             n = 0
         for c in self.layers:

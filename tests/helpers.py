@@ -1,11 +1,24 @@
-"""Golden fixtures that cannot go stale silently.
+"""What several test files share: comparisons with a reference, and golden fixtures that
+cannot go stale silently.
 
 A test compares our output with the live reference (transformers, when installed) and with the
 committed golden. When they disagree, `assert_agrees` says which of the three moved: ours, the
 reference (a new transformers / torch / av than the golden was made with), or the golden's inputs.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
 from provenance import digest, versions
+
+from mlx_smolvlm.models.vision import patch_attention_mask
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 
 
 def describe(record: dict | None) -> str:
@@ -55,3 +68,34 @@ def assert_agrees(name, ours, *, live=None, golden=None, same, record=None, deta
     else:
         why = f"ours differs from the golden ({made}); no live reference here to tell which moved"
     raise AssertionError(f"{name}: {why}{detail}")
+
+def max_rel_diff(ours, ref) -> float:
+    ours, ref = np.asarray(ours, dtype=np.float32), np.asarray(ref, dtype=np.float32)
+    assert ours.shape == ref.shape
+    return float(np.abs(ours - ref).max() / max(1.0, np.abs(ref).max()))
+
+
+def our_stages(model, inputs: dict) -> dict:
+    ids = mx.array(inputs["input_ids"])
+    pv, pam = mx.array(inputs["pixel_values"]), mx.array(inputs["pixel_attention_mask"])
+    B, N, C, H, W = pv.shape
+    # The reference drops all-zero padding images before the vision tower; so do we.
+    real = np.flatnonzero(np.abs(inputs["pixel_values"]).reshape(B * N, -1).sum(-1) > 0)
+    pixels = pv.reshape(B * N, C, H, W)[mx.array(real)].transpose(0, 2, 3, 1)
+    pmask = patch_attention_mask(pam.reshape(B * N, H, W)[mx.array(real)], model.config.vision_config.patch_size)
+    dtype = model.model.vision_model.embeddings.patch_embedding.weight.dtype
+    vision = model.model.vision_model(pixels.astype(dtype), pmask)
+    connector = model.model.connector(vision)
+    embeds = model.get_input_embeddings(ids, pv, pam)
+    return {
+        "vision_hidden": vision,
+        "connector": connector.reshape(-1, connector.shape[-1]),
+        "embeds": embeds,
+        "logits": model(ids, pv, pam),
+    }
+
+
+def cli(*args, stdin=None, timeout=120):
+    cmd = [sys.executable, "-m", "mlx_smolvlm.generate", *map(str, args)]
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=CLI_ENV)

@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 import mlx.core as mx
 
-from .prompt_cache import PromptCache
+from .chat_cache import ChatCache
 
 
 class FeatureCache:
@@ -45,19 +45,23 @@ class PrefixCache:
     def __init__(self, model, max_entries: int = 8):
         self.model = model
         self.max_entries = max_entries
-        self.entries: OrderedDict[int, PromptCache] = OrderedDict()
+        self.entries: OrderedDict[int, ChatCache] = OrderedDict()
         self.hits = self.misses = self.tokens_reused = 0
         self._key = 0
 
-    def lookup(self, ids: list[int], tiles: list[bytes], image_seq_len: int) -> PromptCache:
-        """A fresh PromptCache holding the longest reusable prefix of `ids` (maybe none)."""
+    def lookup(self, ids: list[int], tiles: list[bytes], image_seq_len: int,
+               partition: bytes = b"") -> ChatCache:
+        """A fresh ChatCache holding the longest reusable prefix of `ids` (maybe none)
+        among the entries stored with the same `partition`."""
         best, n = None, 0
         for key, entry in self.entries.items():
+            if entry.partition != partition:
+                continue
             entry.image_seq_len = image_seq_len
             m = entry.reusable_prefix(ids, tiles)
             if m > n:
                 best, n = key, m
-        out = PromptCache(self.model)
+        out = ChatCache(self.model)
         out.image_seq_len = image_seq_len
         if best is None:
             self.misses += 1
@@ -72,13 +76,14 @@ class PrefixCache:
         out.tiles = tiles[: out.tiles_in(out.tokens)]
         return out
 
-    def store(self, cache: PromptCache):
+    def store(self, cache: ChatCache, partition: bytes = b""):
         """Keep `cache`'s prompt (only its filled part, not the spare buffer)."""
         if self.max_entries <= 0 or not cache.tokens:
             return
-        entry = PromptCache.__new__(PromptCache)
+        entry = ChatCache.__new__(ChatCache)
         entry.__dict__.update(cache.__dict__)
         entry.layers = [c.state for c in cache.layers]
+        entry.partition = partition
         self.entries[self._key] = entry
         self._key += 1
         while len(self.entries) > self.max_entries:

@@ -9,6 +9,8 @@ decoder's sizes have no default: a config without them is not a SmolVLM.
 
 from dataclasses import MISSING, dataclass, fields
 
+from ..errors import ConfigError
+
 MODEL_TYPES = ("idefics3", "smolvlm")
 # transformers' Llama rope types we compute, and the parameters each reads. `dynamic` (NTK)
 # changes the frequencies only past max_position_embeddings, which generation refuses.
@@ -18,10 +20,6 @@ ROPE_TYPES = {
     "dynamic": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def _from_dict(cls, params: dict, where: str):

@@ -7,6 +7,8 @@ and the connector uses the twin.
 
 import mlx.core as mx
 
+from ..errors import InvalidRequestError
+
 # Grid (D, L, N): thread (d, row, n) writes out[n, row // R^2, (row % R^2) * D + d], which is
 # x[n, (i*R + a)*S + j*R + b, d] for row = (i*S/R + j)*R^2 + a*R + b. R, S (patches per
 # side) and D are template constants, so the divisions are by compile-time constants.
@@ -58,7 +60,7 @@ def pixel_shuffle(x: mx.array, r: int) -> mx.array:
     N, L, D = x.shape
     s = int(round(L**0.5))
     if s * s != L or s % r:
-        raise ValueError(f"pixel shuffle needs a square patch grid with side divisible by {r}, got {L} patches")
+        raise InvalidRequestError(f"pixel shuffle needs a square patch grid with side divisible by {r}, got {L} patches")
     # T is unused by the body but keeps one compiled kernel per dtype.
     out = pixel_shuffle_kernel(
         inputs=[x],

