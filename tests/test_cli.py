@@ -7,9 +7,8 @@ import sys
 import time
 
 import pytest
-from helpers import CLI_ENV, ROOT, cli
+from helpers import CLI_ENV, ROOT, assert_same_greedy, cli
 from make_generate_golden import gguf_path
-from margins import assert_same_greedy
 
 from mlx_smolvlm import blas
 from mlx_smolvlm.cli import pick_dtype
@@ -145,3 +144,25 @@ def test_kv_cache_options(smollm2):
     assert r.returncode == 0 and r.stdout.strip(), r.stderr  # runs; its answer may differ: not asserted
     r = cli("--model", gguf_path(), "--prompt", "Hi", "--kv-bits", "4", "--max-kv-size", 64)
     assert r.returncode == 1 and "cannot be quantized" in r.stderr
+
+
+def test_text_only_chat_template(tiny, images, smollm2, tmp_path):
+    # A fine-tune saved with SmolLM2's text-only template (`message['content'] + ...`).
+    import shutil
+
+    from mlx_smolvlm.processing import load_processor
+
+    folder = tmp_path / "finetune"
+    shutil.copytree(tiny, folder)
+    template = smollm2[1].tokenizer.chat_template
+    (folder / "chat_template.jinja").write_text(template)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": " there"}]}]
+    rendered = load_processor(folder).apply_chat_template(parts)
+    assert rendered == smollm2[1].tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi there"}], add_generation_prompt=True)
+    r = cli("--model", folder, "--prompt", "Hi", "--max-tokens", 2)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    r = cli("--model", folder, "--prompt", "Hi", "--image", images["wide.png"], "--max-tokens", 2)
+    print(r.stderr)
+    assert r.returncode == 1 and "chat template takes text only" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from make_generate_golden import gguf_path
-from margins import assert_same_greedy
+from helpers import assert_same_greedy
 
 from mlx_smolvlm import load, stream_generate
 from mlx_smolvlm.chat_cache import ChatCache
