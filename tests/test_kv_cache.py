@@ -18,6 +18,10 @@ from mlx_smolvlm.models.cache import QUANTIZED_KV_START, KVCache, QuantizedKVCac
 # Next-token KL(float || quantized) in nats over the decode steps below, at most (measured:
 # 8-bit 1.1e-4, 4-bit 3.1e-2; bench/kv_cache.py has long contexts):
 KL_BOUND = {8: 1e-3, 4: 5e-2}
+# The most a quantized cache moves a next-token log-prob of this decoder: argmax compared only
+# where the float margin is wider than twice that (issue 19: 8-bit moved the real model's first
+# answer token by up to 0.32-0.44 nats; bench/kv_quality.py: 4-bit up to ~1 nat).
+KV_MOVE = {8: 0.5, 4: 1.5}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +70,9 @@ def test_quantized_cache_close_to_float(smollm2, prompt, bits):
     kl = float((mx.exp(ref) * (ref - ours)).sum(-1).mean())
     agree = float((ref.argmax(-1) == ours.argmax(-1)).mean())
     print(f"{bits}-bit KV: mean next-token KL {kl:.2e}, argmax agreement {agree:.2f}")
-    assert kl < KL_BOUND[bits] and agree >= (1.0 if bits == 8 else 0.75)
+    assert kl < KL_BOUND[bits]
+    assert_same_greedy(ours.argmax(-1).tolist(), list(ref), ref.argmax(-1).tolist(), KV_MOVE[bits],
+                       at_least=4, what=f"{bits}-bit KV, teacher-forced")
 
 
 def test_generate_step_quantizes_from_start(smollm2, prompt):
