@@ -137,3 +137,16 @@ def assert_same_greedy(ours, logprobs, theirs, move: float, *, at_least: int = 1
                            f"(margins {np.round(m[: n + 1], 4).tolist()}): a near-tie, not a test")
     assert ours[:n] == theirs[:n], f"{what}: greedy tokens differ within the decided steps: {ours} vs {theirs}"
     return n
+
+
+def assert_same_argmax(ours, ref, move: float, *, at_least: int = 1, what: str = "") -> int:
+    """Per-position argmax of one forward's logits (..., vocab) equal wherever the reference's
+    top-1 minus top-2 margin is wider than twice `move`; at least `at_least` such positions."""
+    ours = np.asarray(ours, dtype=np.float64).reshape(-1, np.shape(ours)[-1])
+    ref = np.asarray(ref, dtype=np.float64).reshape(-1, np.shape(ref)[-1])
+    wide = margins(ref) > 2 * move
+    print(f"{what}: argmax compared at {int(wide.sum())} of {len(ref)} positions (margin > 2 x {move:.2g})")
+    assert wide.sum() >= at_least, f"{what}: only {int(wide.sum())} positions are not near-ties"
+    differ = np.flatnonzero(wide & (ours.argmax(-1) != ref.argmax(-1)))
+    assert differ.size == 0, f"{what}: argmax differs at decided positions {differ.tolist()}"
+    return int(wide.sum())

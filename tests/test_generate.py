@@ -211,9 +211,11 @@ def test_cache_is_rebuilt_when_a_new_turn_changes_the_cached_images(tiny, images
     first = [{"role": "user", "content": [{"type": "image", "path": wide}, {"type": "text", "text": "a"}]}]
     list(stream_generate(model, processor, first, max_tokens=2, prompt_cache=cache))
     other = [{"role": "user", "content": [{"type": "image", "path": square}, {"type": "text", "text": "a"}]}]
-    fresh = [r.token for r in stream_generate(model, processor, other, max_tokens=8)]
+    fresh_rs = list(stream_generate(model, processor, other, max_tokens=8))
+    fresh = [r.token for r in fresh_rs]
     reused = list(stream_generate(model, processor, other, max_tokens=8, prompt_cache=cache))
-    assert [r.token for r in reused] == fresh
+    assert_same_greedy([r.token for r in reused], [r.logprobs for r in fresh_rs], fresh, TOKENS_MOVE, at_least=6,
+                       what="rebuilt cache vs fresh")
     assert reused[-1].cached_tokens < len(processor(other)["input_ids"][0])
 
 
