@@ -1,24 +1,26 @@
 """Continuous batching: sequences join a running decode batch and leave it when done.
 
 Each new sequence is prefilled alone (its own images, its own chunks, exactly as
-`generate_step` does), then its KV rows join the batch (batch_cache.py) and it decodes
+`generate_step` does), then its KV rows join the batch (models/cache.py BatchKVCache) and it decodes
 together with the others, one token per step. `BatchEngine` is the core that the server
 runs on a thread and that `batch_generate` runs to completion.
 """
 
 import threading
+import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 
 from .chat_cache import tile_digests
-from .generate import check_length, prefill
+from .generate import check_length, clip_max_tokens, prefill
 from .models.cache import BatchKVCache
 from .prefix_cache import FeatureCache, PrefixCache
 from .sample_utils import apply_top_p
+from .speculative import Gate, PromptLookup
 from .text_stream import TextStream
 
 
@@ -31,6 +33,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: off; k: the chosen token's and the k most likely
     skip_special_tokens: bool = True
+    # Speculative decoding by prompt lookup (0: off). Greedy rows without logprobs only;
+    # others decode one token a step.
+    prompt_lookup_tokens: int = 0
+    ngram_size: int = 3
 
 
 @dataclass
@@ -46,6 +52,8 @@ class Event:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     error: str | None = None
+    draft_tokens: int = 0  # prompt lookup: drafts checked, and of those accepted
+    accepted_tokens: int = 0
 
 
 def make_row_sampler(temp: float, top_p: float, seed: int | None) -> Callable:
@@ -75,11 +83,24 @@ class Sequence:
         self.cached = 0
         self.last = None  # the token to feed next
         self.done = self.cancelled = False
+        self.context = list(self.ids)  # prompt and answer: what prompt lookup searches
+        self.lookup = self.gate = None
+        if params.prompt_lookup_tokens and params.temperature == 0 and params.logprobs is None:
+            self.lookup, self.gate = PromptLookup(params.prompt_lookup_tokens, params.ngram_size), Gate()
+        self.drafted = self.accepted = 0
 
     def push(self, token: int, logprob: float | None = None, top=None):
         text, finish = self.text.add(token)
         self.last, self.done = token, finish is not None
-        self.on_event(Event(text, token, len(self.ids), self.text.n, self.cached, finish, logprob, top))
+        self.context.append(token)
+        self.on_event(Event(text, token, len(self.ids), self.text.n, self.cached, finish, logprob, top,
+                            draft_tokens=self.drafted, accepted_tokens=self.accepted))
+
+    def drafts(self) -> list[int]:
+        if self.lookup is None or not self.gate.open():
+            return []
+        k = min(self.lookup.num_draft_tokens, self.params.max_tokens - self.text.n - 1)
+        return self.lookup.propose(self.context, len(self.ids), k, None)[0] if k > 0 else []
 
     def fail(self, message: str):
         self.done = True
@@ -107,9 +128,13 @@ class BatchEngine:
 
     def add(self, inputs: dict, params: SamplingParams, on_event: Callable, partition: bytes = b"") -> Sequence:
         """Queue a prompt (processor output); raises InvalidRequestError if it cannot fit. Cached
-        prompts and image features are shared only between sequences of one `partition`."""
+        prompts and image features are shared only between sequences of one `partition`.
+        `max_tokens` beyond the context left after the prompt is cut to it (finish_reason "length")."""
+        n = np.asarray(inputs["input_ids"]).shape[-1]
+        if params.max_tokens >= 1:
+            params = replace(params, max_tokens=clip_max_tokens(self.model, n, params.max_tokens))
+        check_length(self.model, n, params.max_tokens)
         seq = Sequence(inputs, params, on_event, self.processor.tokenizer, partition)
-        check_length(self.model, len(seq.ids), params.max_tokens)
         with self._lock:
             self._pending.append(seq)
         return seq
@@ -199,24 +224,66 @@ class BatchEngine:
         return cache.layers
 
     def _decode(self):
-        y = mx.array([[s.last] for s in self.active])
-        self._emit(self.active, self.model(input_ids=y, cache=self.cache)[:, -1, :])
+        drafts = [s.drafts() for s in self.active]
+        K = max(map(len, drafts))
+        if K == 0:
+            y = mx.array([[s.last] for s in self.active])
+            self._emit(self.active, self.model(input_ids=y, cache=self.cache)[:, -1, :])
+            return
+        self._decode_drafts(drafts, K)
+
+    def _decode_drafts(self, drafts: list[list[int]], K: int):
+        """One forward over each row's last token and its drafts (padded to K), then each row
+        keeps the drafts its own greedy choice agrees with: rows accept different lengths,
+        and BatchKVCache.trim_rows drops each row's rejected positions."""
+        tic = time.perf_counter()
+        x = mx.array([[s.last] + d + [s.last] * (K - len(d)) for s, d in zip(self.active, drafts)])
+        logits = self.model(input_ids=x, cache=self.cache)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        choice = mx.argmax(logprobs, axis=-1)  # (B, K + 1)
+        # Rows that do not draft (sampling, logprobs) take position 0 as a plain step does.
+        plain = {i: s for i, s in enumerate(self.active) if s.lookup is None}
+        if plain:
+            self._emit_rows(plain, logprobs[:, 0])
+        mx.eval(choice)
+        choice, drop = choice.tolist(), []
+        for i, (s, d) in enumerate(zip(self.active, drafts)):
+            n = 0
+            while n < len(d) and d[n] == choice[i][n]:
+                n += 1
+            drop.append(K - n)
+            if i in plain:
+                continue
+            s.drafted, s.accepted = s.drafted + len(d), s.accepted + n
+            s.gate.update(len(d), n, time.perf_counter() - tic)
+            for t in d[:n] + [choice[i][n]]:
+                if not s.done:
+                    s.push(t)
+        for c in self.cache:
+            c.trim_rows(drop)
 
     def _emit(self, seqs: list[Sequence], logits: mx.array):
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        if all(s.params.temperature == 0 for s in seqs):
+        self._emit_rows(dict(enumerate(seqs)), logprobs)
+
+    @staticmethod
+    def _emit_rows(rows: dict[int, Sequence], logprobs: mx.array):
+        """Sample and push one token for each sequence rows[i] from logprobs[i]."""
+        if all(s.params.temperature == 0 for s in rows.values()):
             tokens = mx.argmax(logprobs, axis=-1)
         else:
-            tokens = mx.concatenate([s.sampler(logprobs[i : i + 1]) for i, s in enumerate(seqs)])
+            tokens = mx.concatenate([rows[i].sampler(logprobs[i : i + 1]) if i in rows else mx.array([0])
+                                     for i in range(logprobs.shape[0])])
         info = {i: _logprob_info(logprobs[i], tokens[i], s.params.logprobs)
-                for i, s in enumerate(seqs) if s.params.logprobs is not None}
+                for i, s in rows.items() if s.params.logprobs is not None}
         mx.eval(tokens, info)
-        for i, (s, t) in enumerate(zip(seqs, tokens.tolist())):
+        tokens = tokens.tolist()
+        for i, s in rows.items():
             if i in info:
                 lp, top, vals = info[i]
-                s.push(t, lp.item(), list(zip(top.tolist(), vals.tolist())))
+                s.push(tokens[i], lp.item(), list(zip(top.tolist(), vals.tolist())))
             else:
-                s.push(t)
+                s.push(tokens[i])
 
     def _drop_done(self):
         keep = [i for i, s in enumerate(self.active) if not (s.done or s.cancelled)]
@@ -233,12 +300,16 @@ class BatchEngine:
 
 def batch_generate(model, processor, prompts: list, images: list | None = None, *,
                    max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                   stop: list[str] | None = None, max_batch: int = 16, **controls) -> list[str]:
+                   stop: list[str] | None = None, max_batch: int = 16, prompt_lookup_tokens: int = 0,
+                   ngram_size: int = 3, **controls) -> list[str]:
     """Generate for many prompts at once (chat messages or strings, with `images[i]` for a
     string prompt); returns the texts in prompt order. Sequences decode together in one
-    batch of up to `max_batch`, and a finished one makes room for the next."""
+    batch of up to `max_batch`, and a finished one makes room for the next.
+    `prompt_lookup_tokens` > 0 drafts that many tokens per greedy row by n-gram lookup
+    (speculative.PromptLookup); the texts are the same."""
     engine = BatchEngine(model, processor, max_batch=max_batch)
-    params = SamplingParams(max_tokens, temperature, top_p, stop=list(stop or []))
+    params = SamplingParams(max_tokens, temperature, top_p, stop=list(stop or []),
+                            prompt_lookup_tokens=prompt_lookup_tokens, ngram_size=ngram_size)
     texts, errors = [""] * len(prompts), {}
 
     def collect(i):

@@ -7,6 +7,7 @@ import pytest
 from helpers import assert_same_greedy, decided_steps
 
 from mlx_smolvlm.batch import BatchEngine, SamplingParams, batch_generate
+from mlx_smolvlm.errors import InvalidRequestError
 from mlx_smolvlm.generate import load, stream_generate
 from mlx_smolvlm.models.cache import BatchKVCache
 from mlx_smolvlm.models.cache import make_prompt_cache
@@ -135,3 +136,27 @@ def test_seeded_sampling_repeats(tiny):
     while engine.busy:
         engine.step()
     assert out[0] == out[1]
+
+
+def test_max_tokens_beyond_the_context_is_cut_to_it(tiny):
+    """The engine ends such an answer where the context does (finish_reason "length"), with the
+    tokens solo generation gives; a prompt that fills the context is refused."""
+    model, processor, images = tiny
+    prompt = user("Hello, how are you today?")
+    inputs = processor(prompt)
+    n = inputs["input_ids"].shape[1]
+    context = model.config.text_config.max_position_embeddings
+    try:
+        model.config.text_config.max_position_embeddings = n + 5
+        events = []
+        engine = BatchEngine(model, processor)
+        engine.add(inputs, SamplingParams(max_tokens=10**6), events.append)
+        while engine.busy:
+            engine.step()
+        assert [e.token for e in events] == solo_tokens(model, processor, prompt, 5)
+        assert events[-1].finish_reason == "length"
+        model.config.text_config.max_position_embeddings = n
+        with pytest.raises(InvalidRequestError, match="no room left in the model's context length"):
+            engine.add(inputs, SamplingParams(), events.append)
+    finally:
+        model.config.text_config.max_position_embeddings = context

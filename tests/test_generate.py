@@ -25,6 +25,7 @@ from mlx_smolvlm.errors import InvalidRequestError
 from mlx_smolvlm.generate import generate, load, stream_generate
 from mlx_smolvlm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 from mlx_smolvlm.sample_utils import make_sampler
+from mlx_smolvlm.text_stream import TextStream
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers")
 # Our float32 log-probs and transformers' (or another chunking's) differ by summation order
@@ -179,6 +180,22 @@ def test_stop_strings_end_the_text_and_are_never_streamed(tiny, images):
     responses = list(stream_generate(model, processor, messages, max_tokens=24, stop=["\x00never", stop]))
     assert "".join(r.text for r in responses) == full[:cut]
     assert responses[-1].finish_reason == "stop"
+
+
+def test_a_stop_string_that_is_one_token_stops_on_it_even_when_skipped(tiny):
+    """`<image>` is a named special token: never text with skip_special_tokens, yet as a stop
+    string it ends generation on the token, kept or skipped, and is not in the text."""
+    tok = tiny["tiny-idefics3"].processor.tokenizer
+    ids = tok.encode("Hello there") + tok.encode("<image>") + tok.encode(" after")
+    assert tok.decode(ids, skip_special_tokens=True) == "Hello there after"
+    for skip in (True, False):
+        stream, text = TextStream(tok, 100, ["<image>"], skip), ""
+        for n, i in enumerate(ids):
+            t, finish = stream.add(i)
+            text += t
+            if finish:
+                break
+        assert (text, finish, n) == ("Hello there", "stop", len(tok.encode("Hello there")))
 
 
 def test_context_length_is_checked_before_any_work(tiny, images):

@@ -8,6 +8,7 @@ import io
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -112,7 +113,7 @@ def bad_requests(sample_images):
     big_url = "data:image/png;base64," + base64.b64encode(big.getvalue()).decode()
     corrupt = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nnot really").decode()
     return [
-        (dict(messages=ask("x"), max_tokens=10_000), 400, "max_tokens"),
+        (dict(messages=ask("x"), max_tokens=2.5), 400, "max_tokens"),
         (dict(messages=ask("x"), max_completion_tokens=0), 400, "max_completion_tokens"),
         (dict(messages=ask("x", wide, wide, wide, wide)), 400, "messages"),
         (dict(messages=ask("x", big_url)), 400, "messages[0].content[0]"),
@@ -164,6 +165,20 @@ def test_logprobs_stop_and_special_tokens(client, solo, sample_images):
     kept = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS,
                                           extra_body={"skip_special_tokens": False})
     assert "<|reserved_special_token_" in kept.choices[0].message.content
+
+
+def test_max_tokens_beyond_the_limit_is_cut_to_it(client, solo, sample_images):
+    """max_tokens above --max-tokens-limit (500) answers as max_tokens=500 would; 64 stop
+    strings are accepted, 65 are not."""
+    messages = good_requests(sample_images)[1]
+    never = [f"\x00{i}" for i in range(64)]
+    r = client.chat.completions.create(model="m", messages=messages, max_tokens=10**9, stop=never)
+    assert r.choices[0].message.content == solo(messages, 500)
+    n = r.usage.completion_tokens
+    assert n <= 500 and r.choices[0].finish_reason == ("length" if n == 500 else "stop")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=messages, stop=never + ["x"])
+    assert e.value.body["param"] == "stop"
 
 
 def test_seeded_sampling_repeats(client, sample_images):
@@ -280,3 +295,29 @@ def test_video_part(client, tmp_path, tmp_path_factory):
                                           {"type": "text", "text": "What happens?"}]}]
     assert r.choices[0].message.content == greedy_text(model, processor, local, MAX_TOKENS)
     assert r.usage.prompt_tokens > 50  # the frames' tokens are in
+
+
+def test_prompt_lookup_per_request(client, solo, sample_images):
+    """Speculative decoding by prompt lookup, per request (`prompt_lookup_tokens`, our
+    extension): the same answers, concurrently with plain requests; usage reports the drafts
+    in OpenAI's predicted-output fields."""
+    requests = good_requests(sample_images)[:4]
+
+    def one(i):
+        extra = {"prompt_lookup_tokens": 5, "ngram_size": 2} if i % 2 == 0 else {}
+        return client.chat.completions.create(model="m", messages=requests[i], max_tokens=MAX_TOKENS,
+                                              extra_body=extra)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(4)))
+    drafted = 0
+    for i, r in enumerate(results):
+        assert r.choices[0].message.content == solo(requests[i])
+        details = r.usage.completion_tokens_details
+        if i % 2 and details is not None:
+            assert not details.accepted_prediction_tokens and not details.rejected_prediction_tokens
+        elif details is not None:
+            drafted += details.accepted_prediction_tokens + details.rejected_prediction_tokens
+    assert drafted > 0
+    with pytest.raises(openai.BadRequestError, match="prompt_lookup_tokens"):
+        client.chat.completions.create(model="m", messages=ask("x"), extra_body={"prompt_lookup_tokens": -1})

@@ -287,6 +287,18 @@ class BatchKVCache(_BaseCache):
         self.idx -= cut
         self._sync()
 
+    def trim_rows(self, n: list[int]):
+        """Drop the last n[b] positions of each row b (rejected drafts). Rows stay right-aligned:
+        row b moves n[b] slots right and gains as much left padding; its keys were rotated
+        at their own positions before caching, so moving them changes nothing else."""
+        if not any(n):
+            return
+        src = mx.maximum(mx.arange(self.idx)[None] - mx.array(n)[:, None], 0)[:, None, :, None]
+        self.keys = mx.take_along_axis(self.keys[..., : self.idx, :], src, axis=2)
+        self.values = mx.take_along_axis(self.values[..., : self.idx, :], src, axis=2)
+        self.left = [l + k for l, k in zip(self.left, n)]
+        self.filter(list(range(self.size)))  # drops the columns now padding in every row
+
     def make_mask(self, L: int) -> mx.array:
         """(B, 1, L, idx + L) boolean mask for L new tokens: causal, and no left padding."""
         cols = mx.arange(self.idx + L)
