@@ -301,7 +301,7 @@ def test_ctrl_c_keeps_the_last_saved_adapter(tiny_idefics3, data, tmp_path):
             if saved == 3:
                 break
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
@@ -406,3 +406,24 @@ def test_frozen_vision_features_are_computed_once_per_sample(tiny_idefics3, data
     model.freeze()
     linear_to_lora_layers(model, -1, {"rank": 4, "alpha": 8, "train_connector": True})
     assert not frozen_vision(model)
+
+
+def test_video_and_image_rows_share_a_batch(tmp_path_factory, images):
+    """A SmolVLM2 batch of a video row (24-px frames, 4 tokens each) and an image row (36-px
+    tiles, 9 tokens each): each row's images are encoded at its own size, so the batch loss is
+    the token-weighted mean of the rows' losses (padding frames to the tiles' size would give
+    the video 9 feature rows per frame for its 4 tokens)."""
+    from make_generate_golden import tiny_folder
+
+    folder = tiny_folder("tiny-smolvlm", tmp_path_factory.mktemp("tiny-smolvlm"))
+    processor, model = load_processor(folder), load_model(folder)
+    video = {"messages": [{"role": "user", "content": [{"type": "video", "path": VIDEO.name},
+                                                       {"type": "text", "text": "What?"}]},
+                          {"role": "assistant", "content": "A clip."}]}
+    rows = [encode(processor, row_messages(video, "v", VIDEO.parent), frame_size=24),
+            encode(processor, row_messages(ROW_FORMATS["cauldron"], "i", images))]
+    assert rows[0].pixel_values.shape[-1] == 24 and rows[1].pixel_values.shape[-1] == 36
+    loss, n = loss_fn(model, collate(rows))
+    parts = [loss_fn(model, collate([r])) for r in rows]
+    want = sum(p.item() * k.item() for p, k in parts) / sum(k.item() for _, k in parts)
+    assert abs(loss.item() - want) < 1e-5 * want
