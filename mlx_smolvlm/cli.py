@@ -15,7 +15,7 @@ from .chat_cache import ChatCache
 from .errors import InvalidRequestError, SmolVLMError
 from .generate import format_stats, load, stream_generate
 from .loading import get_model_path
-from .models.cache import KVCache
+from .models.cache import QUANTIZED_KV_START, KVCache
 from .models.smolvlm import Model
 from .processing import load_processor, text_processor
 from .sample_utils import make_logits_processors, make_sampler
@@ -111,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     kv = p.add_argument_group("KV cache (as in mlx-lm)")
     kv.add_argument("--kv-bits", type=int, choices=[4, 8], help="store the KV cache group-quantized")
     kv.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64)
-    kv.add_argument("--quantized-kv-start", type=_checked(int, lambda v: v >= 0, ">= 0"), default=0,
-                    help="quantize once the cache holds this many positions (default 0: from the start, "
-                    "so long image and video prompts never hold a float cache)")
+    kv.add_argument("--quantized-kv-start", type=_checked(int, lambda v: v >= 0, ">= 0"),
+                    default=QUANTIZED_KV_START,
+                    help=f"quantize once the cache holds this many positions (default {QUANTIZED_KV_START}: "
+                    "short prompts keep the float answer, videos still get the saving; 0: from the start)")
     kv.add_argument("--max-kv-size", type=_checked(int, lambda v: v > 4, "> 4"),
                     help="cap the cache at this many positions (rotating: the first 4 and the most recent)")
     spec = p.add_argument_group("speculative decoding (greedy output unchanged)")

@@ -14,7 +14,7 @@ from .chat_cache import ChatCache, n_tiles, tile_digests
 from .errors import InvalidRequestError
 from .gguf import load_gguf
 from .loading import get_model_path, load_model
-from .models.cache import make_prompt_cache, maybe_quantize_kv_cache
+from .models.cache import QUANTIZED_KV_START, make_prompt_cache, maybe_quantize_kv_cache
 from .processing import load_processor, text_processor
 from .sample_utils import make_sampler
 from .text_stream import TextStream
@@ -59,7 +59,7 @@ def generate_step(
     prefill_step_size: int = 512,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
-    quantized_kv_start: int = 0,
+    quantized_kv_start: int = QUANTIZED_KV_START,
     max_kv_size: int | None = None,
     drafter=None,
     stats=None,
@@ -205,7 +205,7 @@ def stream_generate(
     prefill_step_size: int = 512,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
-    quantized_kv_start: int = 0,
+    quantized_kv_start: int = QUANTIZED_KV_START,
     max_kv_size: int | None = None,
     skip_special_tokens: bool = True,
     clip_to_context: bool = False,

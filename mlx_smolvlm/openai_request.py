@@ -51,6 +51,7 @@ class Limits:
     max_prompt_chars: int | None = None  # set by the server: context x longest token
     max_prompt_tokens: int | None = None  # set by the server: the context
     max_video_seconds: float = 600.0
+    max_video_frames: int = 100_000
     max_video_frame_pixels: int = 3840 * 2160
     max_video_decode_pixels: int = 2**35
     max_video_sample_pixels: int = 64 * 1920 * 1088
@@ -63,9 +64,12 @@ class Limits:
                            self.allowed_media_domains)
 
     def media_budget(self) -> MediaBudget:
-        return MediaBudget(self.max_image_pixels, self.max_video_seconds, self.max_video_frame_pixels,
-                           self.max_video_decode_pixels, self.max_video_sample_pixels, self.video_fps,
-                           self.video_max_frames, self.video_skip_secs)
+        return MediaBudget(
+            max_image_pixels=self.max_image_pixels, max_video_seconds=self.max_video_seconds,
+            max_video_frames=self.max_video_frames, max_video_frame_pixels=self.max_video_frame_pixels,
+            max_video_decode_pixels=self.max_video_decode_pixels,
+            max_video_sample_pixels=self.max_video_sample_pixels, fps=self.video_fps,
+            max_frames=self.video_max_frames, skip_secs=self.video_skip_secs)
 
 
 @dataclass

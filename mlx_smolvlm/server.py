@@ -341,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=d.max_images, help="images and videos per request")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
     p.add_argument("--max-video-seconds", type=float, default=d.max_video_seconds)
+    p.add_argument("--max-video-frames", type=int, default=d.max_video_frames,
+                   help="frames in one video file (counted while demuxing, before decoding)")
     p.add_argument("--max-video-frame-pixels", type=int, default=d.max_video_frame_pixels)
     p.add_argument("--max-video-decode-pixels", type=int, default=d.max_video_decode_pixels,
                    help="frames decoded to reach the sampled ones x width x height, from demuxing one video")
@@ -402,6 +404,7 @@ def main(argv=None):
         remote_timeout=args.remote_timeout, remote_max_bytes=args.remote_max_bytes,
         allow_local_files=args.allow_local_files, allow_private_media=args.allow_private_networks,
         allowed_media_domains=domains, max_video_seconds=args.max_video_seconds,
+        max_video_frames=args.max_video_frames,
         max_video_frame_pixels=args.max_video_frame_pixels,
         max_video_decode_pixels=args.max_video_decode_pixels, body_timeout=args.body_timeout,
         max_video_sample_pixels=args.max_video_sample_pixels,

@@ -130,7 +130,7 @@ def _open(path: Path):
     return container
 
 
-def _frame_pts(container, stream) -> tuple[list[int], set[int]]:
+def _frame_pts(container, stream, limit: int | None = None) -> tuple[list[int], set[int]]:
     # Demux without decoding: presentation-ordered pts of every frame (frame i is the
     # i-th frame the decoder emits, as the reference counts) and the keyframes among them.
     pts, keys = [], set()
@@ -138,6 +138,8 @@ def _frame_pts(container, stream) -> tuple[list[int], set[int]]:
         if packet.pts is None:
             continue
         pts.append(packet.pts)
+        if limit is not None and len(pts) > limit:  # each packet costs ~10 us to demux
+            raise VideoError(f"the video has more than {limit} frames")
         if packet.is_keyframe:
             keys.add(packet.pts)
     container.seek(0)
@@ -187,11 +189,13 @@ def load_video(
     skip_secs: float = 1.0,
     decode: bool = True,
     frame_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    max_total_frames: int | None = None,
 ) -> VideoFrames:
     """Decode only the frames SmolVLM2 samples from `path`, upright, as RGB uint8.
 
     `frame_fn` maps each frame as soon as it is decoded (a resize: full-size frames are
     then never all held). With `decode=False` nothing is decoded: `frames` is None.
+    `max_total_frames` refuses a longer video while demuxing it.
     """
     import av
 
@@ -201,7 +205,7 @@ def load_video(
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         try:
-            pts, keys = _frame_pts(container, stream)
+            pts, keys = _frame_pts(container, stream, max_total_frames)
         except av.FFmpegError as e:
             raise VideoError(f"{path}: the video is corrupt ({_reason(e)})") from None
         # The reference trusts the container's frame count; fall back to the demuxed one.

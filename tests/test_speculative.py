@@ -74,7 +74,7 @@ CACHES = {
     "float": {},
     "rotating": {"max_kv_size": 20},  # + the prompt's length: evicts mid-answer, drafting stops there
     # Quantized caches need head_dim 64 (groups of 32/64): the real decoder below.
-    "kv8": {"kv_bits": 8},
+    "kv8": {"kv_bits": 8, "quantized_kv_start": 0},  # from the start (the default waits for 2048)
     "kv4-from-60": {"kv_bits": 4, "kv_group_size": 32, "quantized_kv_start": 60},  # switches mid-answer
 }
 

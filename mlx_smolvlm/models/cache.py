@@ -329,6 +329,13 @@ def make_prompt_cache(model, max_kv_size: int | None = None) -> list:
     return [KVCache() for _ in range(len(model.layers))]
 
 
+# Where kv_bits starts to apply, in positions. Quantized from position 0, a cache moves the real
+# 135M decoder's first-token log-probs by up to 0.3-0.4 nats (8-bit) and flips near-tied answers
+# to short questions (bench/kv_quality.py); mlx-lm starts at 5000, which a 64-frame video
+# (~4.8k positions) never reaches. Short chats and one image stay float; videos are quantized.
+QUANTIZED_KV_START = 2048
+
+
 def maybe_quantize_kv_cache(cache: list, bits: int | None, group_size: int, start: int):
     """Swap float layers for quantized ones, in place, once they hold `start` positions."""
     if bits is None:
