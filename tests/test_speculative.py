@@ -27,7 +27,7 @@ from mlx_smolvlm.errors import InvalidRequestError
 from mlx_smolvlm.sample_utils import make_logits_processors, make_sampler
 from mlx_smolvlm.speculative import DraftModel, PromptLookup, accept_sampled
 
-MARGIN = 1e-3  # log-prob gap; float32 noise between the two paths measures ~1e-6 here
+MARGIN = 1e-3  # log-prob gap; the two paths differ by up to 6e-5 (real 135M decoder, float32)
 MAX_TOKENS = 40
 
 
