@@ -65,7 +65,7 @@ def content(n: int, i: int, args) -> list:
 
 def start_server(model: Path, dtype: str, port: int, log) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "mlx_smolvlm.server", "--model", str(model), "--port", str(port),
-           "--dtype", dtype, "--no-image-splitting", "--prefix-cache-entries", "0",
+           "--dtype", dtype, "--no-image-splitting", "--prefix-cache-bytes", "0",
            "--feature-cache-tiles", "0", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(1200):
