@@ -145,7 +145,7 @@ class Model(nn.Module):
         torch_conv = (v_cfg.num_channels, v_cfg.patch_size, v_cfg.patch_size)
         out = {}
         for k, v in weights.items():
-            k = from_mlx_vlm(k)  # a fixed prefix table (layout.py); our keys pass unchanged
+            k = from_mlx_vlm(k)  # a fixed prefix table (weight_layout.py); our keys pass unchanged
             if "rotary_emb.inv_freq" in k:
                 continue
             if k.startswith("lm_head.") and self.config.tie_word_embeddings:
