@@ -13,8 +13,9 @@ server runs on a thread and that `batch_generate` runs to completion.
 
 import logging
 import threading
+import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import mlx.core as mx
@@ -22,10 +23,11 @@ import numpy as np
 
 from .chat_cache import tile_digests
 from .errors import InvalidRequestError
-from .generate import check_length, prefill_chunks
+from .generate import check_length, clip_max_tokens, prefill_chunks
 from .models.cache import BatchKVCache
 from .prefix_cache import FeatureCache, PrefixCache
 from .sample_utils import make_logits_processors, make_sampler, sample_next
+from .speculative import Gate, PromptLookup
 from .text_stream import TextStream
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: off; k: the chosen token's and the k most likely
     skip_special_tokens: bool = True
+    # Speculative decoding by prompt lookup (0: off). Greedy rows without logprobs only;
+    # others decode one token a step.
+    prompt_lookup_tokens: int = 0
+    ngram_size: int = 3
 
     def check(self):
         """Raise InvalidRequestError for values the sampler factories refuse (no MLX arrays made)."""
@@ -64,6 +70,8 @@ class Event:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     error: str | None = None
+    draft_tokens: int = 0  # prompt lookup: drafts checked, and of those accepted
+    accepted_tokens: int = 0
 
 
 class Sequence:
@@ -80,12 +88,23 @@ class Sequence:
         self.generated: list[int] = []
         self.cached = 0
         self.done = self.cancelled = False
+        self.lookup = self.gate = None
+        if params.prompt_lookup_tokens and params.temperature == 0 and params.logprobs is None:
+            self.lookup, self.gate = PromptLookup(params.prompt_lookup_tokens, params.ngram_size), Gate()
+        self.drafted = self.accepted = 0
 
     def push(self, token: int, logprob: float | None = None, top=None):
         self.generated.append(token)
         text, finish = self.text.add(token)
         self.done = finish is not None
-        self.on_event(Event(text, token, len(self.ids), self.text.n, self.cached, finish, logprob, top))
+        self.on_event(Event(text, token, len(self.ids), self.text.n, self.cached, finish, logprob, top,
+                            draft_tokens=self.drafted, accepted_tokens=self.accepted))
+
+    def drafts(self) -> list[int]:
+        if self.lookup is None or not self.gate.open():
+            return []
+        k = min(self.lookup.num_draft_tokens, self.params.max_tokens - self.text.n - 1)
+        return self.lookup.propose(self.ids + self.generated, len(self.ids), k, None)[0] if k > 0 else []
 
     def fail(self, message: str):
         self.done = True
@@ -111,10 +130,14 @@ class BatchEngine:
 
     def add(self, inputs: dict, params: SamplingParams, on_event: Callable, partition: bytes = b"") -> Sequence:
         """Queue a prompt (processor output); raises InvalidRequestError if it cannot fit. Cached
-        prompts and image features are shared only between sequences of one `partition`."""
-        seq = Sequence(inputs, params, on_event, self.processor.tokenizer, partition)
-        check_length(self.model, len(seq.ids), params.max_tokens)
+        prompts and image features are shared only between sequences of one `partition`.
+        `max_tokens` beyond the context left after the prompt is cut to it (finish_reason "length")."""
+        n = np.asarray(inputs["input_ids"]).shape[-1]
+        if params.max_tokens >= 1:
+            params = replace(params, max_tokens=clip_max_tokens(self.model, n, params.max_tokens))
+        check_length(self.model, n, params.max_tokens)
         params.check()
+        seq = Sequence(inputs, params, on_event, self.processor.tokenizer, partition)
         with self._lock:
             self._pending.append(seq)
         return seq
@@ -140,8 +163,17 @@ class BatchEngine:
         one waiting prompt by one unit of work."""
         self._drop_done()
         try:
-            queued = self._decode() if self.active else None
-            self._emit()
+            queued, drafts = None, []
+            if any(s.lookup is not None for s in self.active):
+                self._emit()  # drafts continue what each row has handed out: all of it
+                self.y, self.info = None, []
+                self._drop_done()
+                drafts = [s.drafts() for s in self.active]
+            if drafts and max(map(len, drafts)):
+                self._decode_drafts(drafts, max(map(len, drafts)))
+            elif self.active:
+                queued = self._decode()
+                self._emit()
         except Exception as e:  # a fault of the batch itself: end every sequence in it
             log.exception("decode step failed; ending the %d sequences in the batch", len(self.active))
             for s in self.active:
@@ -192,15 +224,53 @@ class BatchEngine:
         return tokens, info
 
     def _decode(self):
-        logits = self.model(input_ids=self.y[:, None], cache=self.cache)[:, -1, :]
-        tokens, info = self._sample(self.active, logits, self.y)
+        fed = self.y
+        if fed is None:  # every token is out (a drafted step): feed each row's last
+            fed, self.info = mx.array([s.generated[-1] for s in self.active]), []
+        logits = self.model(input_ids=fed[:, None], cache=self.cache)[:, -1, :]
+        tokens, info = self._sample(self.active, logits, fed if self.y is not None else None)
         mx.async_eval(tokens, [x for x in info if x is not None])
         return tokens, info
 
+    def _decode_drafts(self, drafts: list[list[int]], K: int):
+        """One forward over each row's last token and its drafts (padded to K), then each row
+        keeps the drafts its own greedy choice agrees with: rows accept different lengths,
+        and BatchKVCache.trim_rows drops each row's rejected positions. Every token is out
+        before and after (no step ahead)."""
+        tic = time.perf_counter()
+        last = [s.generated[-1] for s in self.active]
+        x = mx.array([[t] + d + [t] * (K - len(d)) for t, d in zip(last, drafts)])
+        logits = self.model(input_ids=x, cache=self.cache)
+        choice = mx.argmax(logits, axis=-1)  # (B, K + 1)
+        # Rows that do not draft (sampling, logprobs) take position 0 as a plain step does.
+        plain = [i for i, s in enumerate(self.active) if s.lookup is None]
+        if plain:
+            idx = mx.array(plain)
+            tokens, info = self._sample([self.active[i] for i in plain], logits[idx, 0], None)
+            self._hand_out([self.active[i] for i in plain], tokens, info)
+        choice, drop = choice.tolist(), []
+        for i, (s, d) in enumerate(zip(self.active, drafts)):
+            n = 0
+            while n < len(d) and d[n] == choice[i][n]:
+                n += 1
+            drop.append(K - n)
+            if i in plain:
+                continue
+            s.drafted, s.accepted = s.drafted + len(d), s.accepted + n
+            s.gate.update(len(d), n, time.perf_counter() - tic)
+            for t in d[:n] + [choice[i][n]]:
+                if not s.done:
+                    s.push(t)
+        for c in self.cache:
+            c.trim_rows(drop)
+
     def _emit(self):
-        if self.y is None or not self.active:
-            return
-        for s, t, info in zip(self.active, self.y.tolist(), self.info):
+        if self.y is not None and self.active:
+            self._hand_out(self.active, self.y, self.info)
+
+    @staticmethod
+    def _hand_out(seqs: list[Sequence], tokens: mx.array, infos: list):
+        for s, t, info in zip(seqs, tokens.tolist(), infos):
             if info is None:
                 s.push(t)
             else:
@@ -239,8 +309,12 @@ class BatchEngine:
         else:
             for c, r in zip(self.cache, rows):
                 c.extend(r)
-            self.y = mx.concatenate([self.y, token])
-            self.info.append(info)
+            if self.y is None:  # the others' tokens are all out (a drafted step): this one too
+                self._hand_out([seq], token, [info])
+            else:
+                self.y = mx.concatenate([self.y, token])
+                mx.eval(self.y)  # now, not behind the decode the next step queues
+                self.info.append(info)
         self.active.append(seq)
 
     def _prefill(self, seq: Sequence):
@@ -295,12 +369,16 @@ class BatchEngine:
 
 def batch_generate(model, processor, prompts: list, images: list | None = None, *,
                    max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                   stop: list[str] | None = None, max_batch: int = 16, **controls) -> list[str]:
+                   stop: list[str] | None = None, max_batch: int = 16, prompt_lookup_tokens: int = 0,
+                   ngram_size: int = 3, **controls) -> list[str]:
     """Generate for many prompts at once (chat messages or strings, with `images[i]` for a
     string prompt); returns the texts in prompt order. Sequences decode together in one
-    batch of up to `max_batch`, and a finished one makes room for the next."""
+    batch of up to `max_batch`, and a finished one makes room for the next.
+    `prompt_lookup_tokens` > 0 drafts that many tokens per greedy row by n-gram lookup
+    (speculative.PromptLookup); the texts are the same."""
     engine = BatchEngine(model, processor, max_batch=max_batch)
-    params = SamplingParams(max_tokens, temperature, top_p, stop=list(stop or []))
+    params = SamplingParams(max_tokens, temperature, top_p, stop=list(stop or []),
+                            prompt_lookup_tokens=prompt_lookup_tokens, ngram_size=ngram_size)
     texts, errors = [""] * len(prompts), {}
 
     def collect(i):

@@ -14,24 +14,32 @@ from .chat_cache import ChatCache, n_tiles, tile_digests
 from .errors import InvalidRequestError
 from .gguf import load_gguf
 from .loading import get_model_path, load_model
-from .models.cache import make_prompt_cache, maybe_quantize_kv_cache
+from .models.cache import QUANTIZED_KV_START, make_prompt_cache, maybe_quantize_kv_cache
 from .processing import load_processor, text_processor
 from .sample_utils import make_sampler, sample_next
 from .text_stream import TextStream
 from .tokenizer import Tokenizer
 
 
-def load(path_or_repo: str | Path, dtype: mx.Dtype | None = None, lazy: bool = False):
+def load(path_or_repo: str | Path, dtype: mx.Dtype | None = None, lazy: bool = False,
+         adapter_path: str | Path | None = None):
     """Load a model and its processor from a folder, a Hub repo id or a `.gguf` file.
 
     Returns `(model, processor)`. A GGUF file gives a text-only decoder (e.g. SmolLM2).
+    `adapter_path`: a LoRA/DoRA adapter folder (mlx-lm or PEFT layout) applied on top.
     """
     if str(path_or_repo).endswith(".gguf"):
         path = Path(path_or_repo).expanduser()
         model, metadata = load_gguf(path, dtype=dtype, lazy=lazy)
-        return model, text_processor(Tokenizer.from_gguf(path, metadata))
-    path = get_model_path(str(path_or_repo))
-    return load_model(path, dtype=dtype, lazy=lazy), load_processor(path)
+        processor = text_processor(Tokenizer.from_gguf(path, metadata))
+    else:
+        path = get_model_path(str(path_or_repo))
+        model, processor = load_model(path, dtype=dtype, lazy=lazy), load_processor(path)
+    if adapter_path is not None:
+        from .tuner.adapters import load_adapters
+
+        load_adapters(model, adapter_path, dtype)
+    return model, processor
 
 
 def text_config(model):
@@ -51,8 +59,10 @@ def generate_step(
     prefill_step_size: int = 512,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
-    quantized_kv_start: int = 0,
+    quantized_kv_start: int = QUANTIZED_KV_START,
     max_kv_size: int | None = None,
+    drafter=None,
+    stats=None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs) pairs, computing each next token while the current one is read.
 
@@ -61,6 +71,8 @@ def generate_step(
     `input_embeddings` (1, L, D), if given, are those of the uncached ids (images merged).
     `kv_bits` (4 or 8) stores the KV cache group-quantized once it holds `quantized_kv_start`
     positions; `max_kv_size` caps a new cache at that many positions (mlx-lm's options).
+    `drafter` (speculative.py, after its `begin`) decodes speculatively: greedy tokens are the
+    same, several per forward; `stats` (speculative.SpeculativeStats) counts the drafts.
     """
     check_kv_options(kv_bits, kv_group_size, max_kv_size)
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size)
@@ -70,6 +82,17 @@ def generate_step(
 
     def quantize():
         maybe_quantize_kv_cache(cache, kv_bits, kv_group_size, quantized_kv_start)
+
+    if drafter is not None:
+        # Imported here: speculative.py builds on this module's prefill.
+        from .speculative import SpeculativeStats, speculative_steps
+
+        yield from speculative_steps(
+            prompt, model, drafter, cache, quantize, input_embeddings=input_embeddings, max_tokens=max_tokens,
+            sampler=sampler, logits_processors=logits_processors, prefill_step_size=prefill_step_size,
+            kv_bits=kv_bits, quantized_kv_start=quantized_kv_start,
+            stats=stats if stats is not None else SpeculativeStats())
+        return
 
     def step(inputs: dict):
         quantize()
@@ -150,6 +173,8 @@ class GenerationResponse:
     peak_memory: float
     finish_reason: str | None = None
     cached_tokens: int = 0
+    draft_tokens: int = 0  # speculative decoding: drafts checked, and of those accepted
+    accepted_tokens: int = 0
 
 
 def check_length(model, n_prompt: int, max_tokens: int):
@@ -161,6 +186,16 @@ def check_length(model, n_prompt: int, max_tokens: int):
             f"the prompt has {n_prompt} tokens and max_tokens is {max_tokens}: {n_prompt + max_tokens} "
             f"is beyond the model's context length of {limit} tokens"
         )
+
+
+def clip_max_tokens(model, n_prompt: int, max_tokens: int) -> int:
+    """`max_tokens` cut to the context left after the prompt, as llama-server bounds generation
+    (the answer then ends with finish_reason "length"); an error if the prompt leaves no room."""
+    limit = text_config(model).max_position_embeddings
+    if n_prompt >= limit:
+        raise InvalidRequestError(f"the prompt has {n_prompt} tokens: no room left in the model's "
+                                  f"context length of {limit} tokens")
+    return min(max_tokens, limit - n_prompt)
 
 
 def stream_generate(
@@ -177,10 +212,11 @@ def stream_generate(
     prefill_step_size: int = 512,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
-    quantized_kv_start: int = 0,
+    quantized_kv_start: int = QUANTIZED_KV_START,
     max_kv_size: int | None = None,
     skip_special_tokens: bool = True,
     clip_to_context: bool = False,
+    draft=None,
     **controls,
 ) -> Iterator[GenerationResponse]:
     """Generate from chat `messages` (transformers' format) or a raw prompt string.
@@ -194,11 +230,13 @@ def stream_generate(
     (multi-turn chat) prefills only the tokens that follow what it already holds.
     KV-cache options (`kv_bits`, `kv_group_size`, `quantized_kv_start`, `max_kv_size`): see
     generate_step; `max_kv_size` applies to a cache made here (ChatCache takes its own).
+    `draft` (speculative.PromptLookup or DraftModel) turns on speculative decoding: greedy
+    output stays the same tokens, several per forward when drafts are accepted.
     """
     inputs = processor(prompt, images=images, **controls)
     ids = np.asarray(inputs["input_ids"])[0].tolist()
-    if clip_to_context:
-        max_tokens = min(max_tokens, text_config(model).max_position_embeddings - len(ids))
+    if clip_to_context and max_tokens >= 1:
+        max_tokens = clip_max_tokens(model, len(ids), max_tokens)
     check_length(model, len(ids), max_tokens)
     check_kv_options(kv_bits, kv_group_size, max_kv_size)
     cache = prompt_cache if prompt_cache is not None else ChatCache(model, max_kv_size)
@@ -220,9 +258,16 @@ def stream_generate(
     embeds = None
     if pixels:
         embeds = model.get_input_embeddings(prompt_arr[None, start:], *pixels)
+    spec = {}
+    if draft is not None:
+        from .speculative import SpeculativeStats
+
+        draft.begin(processor, prompt, images, controls)
+        spec = {"drafter": draft, "stats": SpeculativeStats()}
     steps = generate_step(
         prompt_arr,
         model,
+        **spec,
         input_embeddings=embeds,
         prompt_cache=cache.layers,
         max_tokens=max_tokens,
@@ -252,10 +297,13 @@ def stream_generate(
                 peak_memory=mx.get_peak_memory() / 1e9,
                 finish_reason=finish,
                 cached_tokens=start,
+                draft_tokens=spec["stats"].drafted if spec else 0,
+                accepted_tokens=spec["stats"].accepted if spec else 0,
             )
             if finish:
                 break
     finally:
+        steps.close()  # a speculative loop trims what it ran ahead of the tokens taken
         cache.record(ids, generated, tiles)
 
 
@@ -278,11 +326,15 @@ def generate(model, processor, prompt, images=None, verbose: bool = False, **kwa
 
 def format_stats(r: GenerationResponse) -> str:
     cached = f" ({r.cached_tokens} cached)" if r.cached_tokens else ""
+    spec = ""
+    if r.draft_tokens:
+        spec = (f"Speculative: {r.draft_tokens} drafted, {r.accepted_tokens} accepted "
+                f"({100 * r.accepted_tokens / r.draft_tokens:.0f}%)\n")
     return (
         "==========\n"
         f"Prompt: {r.prompt_tokens} tokens{cached}, {r.prompt_tps:.1f} tokens-per-sec\n"
         f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens-per-sec\n"
-        f"Peak memory: {r.peak_memory:.3f} GB"
+        f"{spec}Peak memory: {r.peak_memory:.3f} GB"
     )
 
 

@@ -9,7 +9,10 @@ win over the YAML file, which wins over the defaults below.
 
 import argparse
 import math
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -202,7 +205,11 @@ def run(s: dict, report=print):
             report(f"Iter {step}: saved adapter weights to {adapter_path}")
 
         args = TrainingArgs(**{k: s[k] for k in TrainingArgs.__dataclass_fields__})
-        train(model, make_optimizer(s), train_set, val_set or None, args, save, report, pad_id)
+        with stop_on_sigint() as stopped:
+            done = train(model, make_optimizer(s), train_set, val_set or None, args, save, report,
+                         pad_id, stop=stopped.is_set)
+        if stopped.is_set():
+            raise KeyboardInterrupt(f"interrupted after step {done}")
     if s["test"]:
         if not s["train"] and (adapter_path / "adapters.safetensors").is_file():
             model.load_weights(str(adapter_path / "adapters.safetensors"), strict=False)
@@ -214,14 +221,33 @@ def run(s: dict, report=print):
         report(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 50)):.3f}.")
 
 
+@contextmanager
+def stop_on_sigint():
+    """A first Ctrl-C asks the loop to stop after the step it is in (an exception raised inside
+    MLX's evaluation can leave its worker threads hanging at exit); a second one interrupts."""
+    stopped = threading.Event()
+
+    def handler(signum, frame):
+        if stopped.is_set():
+            raise KeyboardInterrupt
+        stopped.set()
+        print("\nstopping after this step (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         run(settings(args))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         # adapter files are replaced atomically: the last saved one is whole
-        print("\ninterrupted: the last saved adapter (if any) is kept", file=sys.stderr)
+        print(f"\n{e or 'interrupted'}: the last saved adapter (if any) is kept", file=sys.stderr)
         sys.exit(130)
     except (SmolVLMError, ValueError, OSError) as e:  # DatasetError, ImageError, missing files, bad YAML
         print(f"error: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ from .image_processing import ImageError, decode_image
 from .media_admission import MediaBudget, MediaRefused, check_video, image_size
 from .media_fetch import FetchPolicy, fetch_or_log
 
+MAX_STOP, MAX_STOP_CHARS = 64, 256
 # Errors of the processor and the engine that are the request's fault (a 4xx).
 USER_FAULTS = (InvalidRequestError,)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -50,20 +51,25 @@ class Limits:
     max_prompt_chars: int | None = None  # set by the server: context x longest token
     max_prompt_tokens: int | None = None  # set by the server: the context
     max_video_seconds: float = 600.0
+    max_video_frames: int = 100_000
     max_video_frame_pixels: int = 3840 * 2160
-    max_video_decode_pixels: int = 2**31
+    max_video_decode_pixels: int = 2**35
     max_video_sample_pixels: int = 64 * 1920 * 1088
     video_fps: float = 1.0  # the processor's sampling (the server sets it)
     video_max_frames: int = 64
+    video_skip_secs: float = 1.0
 
     def fetch_policy(self) -> FetchPolicy:
         return FetchPolicy(self.remote_timeout, self.remote_max_bytes, self.allow_private_media,
                            self.allowed_media_domains)
 
     def media_budget(self) -> MediaBudget:
-        return MediaBudget(self.max_image_pixels, self.max_video_seconds, self.max_video_frame_pixels,
-                           self.max_video_decode_pixels, self.max_video_sample_pixels, self.video_fps,
-                           self.video_max_frames)
+        return MediaBudget(
+            max_image_pixels=self.max_image_pixels, max_video_seconds=self.max_video_seconds,
+            max_video_frames=self.max_video_frames, max_video_frame_pixels=self.max_video_frame_pixels,
+            max_video_decode_pixels=self.max_video_decode_pixels,
+            max_video_sample_pixels=self.max_video_sample_pixels, fps=self.video_fps,
+            max_frames=self.video_max_frames, skip_secs=self.video_skip_secs)
 
 
 @dataclass
@@ -112,13 +118,18 @@ def _seed(body: dict) -> int | None:
 
 def sampling_params(body: dict, limits: Limits) -> SamplingParams:
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, name, limits.default_max_tokens, 1, limits.max_tokens, int)
+    # Beyond --max-tokens-limit (or the context left after the prompt, BatchEngine.add) is cut to
+    # it, finishing with "length", as llama-server does: docling asks 8192 of every server.
+    max_tokens = min(_number(body, name, limits.default_max_tokens, 1, 2**63 - 1, int), limits.max_tokens)
     if _number(body, "n", 1, 1, 1, int) != 1:
         raise RequestError("only n=1 is supported", "n")
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise RequestError("stop must be a string or a list of up to 4 non-empty strings", "stop")
+    # vLLM sets no count (OpenAI: 4); the bounds keep the per-token stop check small.
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError(f"stop must be a string or a list of up to {MAX_STOP} non-empty strings", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise RequestError(f"stop strings are at most {MAX_STOP_CHARS} characters", "stop")
     stop = [_text(s, "stop") for s in stop]
     logprobs = body.get("logprobs") or False
     if not isinstance(logprobs, bool):
@@ -139,6 +150,9 @@ def sampling_params(body: dict, limits: Limits) -> SamplingParams:
         stop=stop,
         logprobs=top if logprobs else None,
         skip_special_tokens=skip,
+        # Our extension: speculative decoding by prompt lookup for this request (greedy rows).
+        prompt_lookup_tokens=_number(body, "prompt_lookup_tokens", 0, 0, 64, int),
+        ngram_size=_number(body, "ngram_size", 3, 1, 16, int),
     )
 
 

@@ -43,10 +43,14 @@ def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
     return mx.where(logprobs < floor, NEG_INF, logits)
 
 
-def categorical(logprobs: mx.array, temp: float, top_k: int, top_p: float, min_p: float, key=None) -> mx.array:
+def filtered_logits(logprobs: mx.array, temp: float, top_k: int, top_p: float, min_p: float) -> mx.array:
+    """The logits a sampling sampler draws from: tempered, then filtered."""
     logits = logprobs / temp
-    logits = apply_min_p(apply_top_p(apply_top_k(logits, top_k), top_p), min_p)
-    return mx.random.categorical(logits, axis=-1, key=key)
+    return apply_min_p(apply_top_p(apply_top_k(logits, top_k), top_p), min_p)
+
+
+def categorical(logprobs: mx.array, temp: float, top_k: int, top_p: float, min_p: float, key=None) -> mx.array:
+    return mx.random.categorical(filtered_logits(logprobs, temp, top_k, top_p, min_p), axis=-1, key=key)
 
 
 def greedy(logprobs: mx.array) -> mx.array:

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -23,6 +24,7 @@ from contextlib import asynccontextmanager
 import mlx.core as mx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -72,12 +74,18 @@ class EngineThread:
 
 
 def _usage(e: Event) -> dict:
-    return {
+    usage = {
         "prompt_tokens": e.prompt_tokens,
         "completion_tokens": e.completion_tokens,
         "total_tokens": e.prompt_tokens + e.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": e.cached_tokens},
     }
+    if e.draft_tokens:  # prompt lookup: OpenAI's fields for predicted tokens kept and dropped
+        usage["completion_tokens_details"] = {
+            "accepted_prediction_tokens": e.accepted_tokens,
+            "rejected_prediction_tokens": e.draft_tokens - e.accepted_tokens,
+        }
+    return usage
 
 
 def _logprobs(tokenizer, e: Event) -> dict:
@@ -105,7 +113,7 @@ def create_app(engine: BatchEngine, model_id: str, limits: Limits | None = None,
     tokenizer = engine.processor.tokenizer
     video = getattr(engine.processor, "video_options", None)
     if video is not None:  # count sampled frames as the processor will sample them
-        limits.video_fps, limits.video_max_frames = video.fps, video.max_frames
+        limits.video_fps, limits.video_max_frames, limits.video_skip_secs = video.fps, video.max_frames, video.skip_secs
     context = text_config(engine.model).max_position_embeddings
     if limits.max_prompt_chars is None:
         limits.max_prompt_chars = context * _max_token_chars(tokenizer)
@@ -235,7 +243,12 @@ def create_app(engine: BatchEngine, model_id: str, limits: Limits | None = None,
             if req.stream:
                 watcher.cancel()  # the streaming response watches the client itself
                 streaming = True
-                return StreamingResponse(_stream(seq, queue, req, head, release), media_type="text/event-stream")
+                def end():  # also when the stream never started: the client left at once
+                    engine.cancel(seq)
+                    release()
+
+                return StreamingResponse(_stream(seq, queue, req, head, release), media_type="text/event-stream",
+                                         background=BackgroundTask(end))
             return await _complete(seq, queue, req, head)
         except asyncio.CancelledError:
             if watcher is None or watcher.cancelled() or not watcher.done():
@@ -308,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="Hub repo id, local folder or .gguf file")
+    p.add_argument("--adapter-path", help="LoRA/DoRA adapter folder (mlx-lm or PEFT layout) to apply")
     p.add_argument("--model-id", help="the name /v1/models reports (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 exposes the server to the network")
     p.add_argument("--port", type=int, default=8080)
@@ -328,9 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=d.max_images, help="images and videos per request")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
     p.add_argument("--max-video-seconds", type=float, default=d.max_video_seconds)
+    p.add_argument("--max-video-frames", type=int, default=d.max_video_frames,
+                   help="frames in one video file (counted while demuxing, before decoding)")
     p.add_argument("--max-video-frame-pixels", type=int, default=d.max_video_frame_pixels)
     p.add_argument("--max-video-decode-pixels", type=int, default=d.max_video_decode_pixels,
-                   help="frames x width x height of one video, from its metadata before decoding")
+                   help="frames decoded to reach the sampled ones x width x height, from demuxing one video")
     p.add_argument("--max-video-sample-pixels", type=int, default=d.max_video_sample_pixels,
                    help="sampled frames x width x height of one video (each is resized at full size)")
     p.add_argument("--no-remote-media", action="store_true", help="refuse http(s) image and video URLs")
@@ -362,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     import uvicorn
 
+    from .errors import SmolVLMError
     from .generate import load
     from .http_guard import guarded_protocol
 
@@ -371,7 +388,11 @@ def main(argv=None):
     if args.api_keys_file and not keys:
         raise SystemExit(f"{args.api_keys_file}: no API keys in it")
     dtype = getattr(mx, args.dtype) if args.dtype else None
-    model, processor = load(args.model, dtype=dtype)
+    try:
+        model, processor = load(args.model, dtype=dtype, adapter_path=args.adapter_path)
+    except (SmolVLMError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     engine = BatchEngine(model, processor, max_batch=args.max_batch,
                          prefill_step_size=args.prefill_step_size,
                          feature_cache_tiles=args.feature_cache_tiles,
@@ -384,6 +405,7 @@ def main(argv=None):
         remote_timeout=args.remote_timeout, remote_max_bytes=args.remote_max_bytes,
         allow_local_files=args.allow_local_files, allow_private_media=args.allow_private_networks,
         allowed_media_domains=domains, max_video_seconds=args.max_video_seconds,
+        max_video_frames=args.max_video_frames,
         max_video_frame_pixels=args.max_video_frame_pixels,
         max_video_decode_pixels=args.max_video_decode_pixels, body_timeout=args.body_timeout,
         max_video_sample_pixels=args.max_video_sample_pixels,
@@ -400,4 +422,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,8 @@
 """Generated tokens -> streamed text, with the end conditions every generation loop shares:
 the end-of-sequence token, `max_tokens`, and stop strings (text that could still become one
-is held back, so a stop string is never partly streamed)."""
+is held back, so a stop string is never partly streamed). A stop string that is one token
+(`</doctag>`, `<|end_of_text|>`) also stops on that token, so it stops when skipped special
+tokens never reach the text."""
 
 from .detokenizer import StreamingDetokenizer
 
@@ -13,11 +15,18 @@ def held_back(text: str, stop: list[str]) -> int:
     return 0
 
 
+def single_token(tokenizer, s: str) -> int | None:
+    """The id of the one token whose text is exactly `s`, else None."""
+    i = tokenizer.convert_tokens_to_ids(s)
+    return i if i is not None and tokenizer.encode(s) == [i] else None
+
+
 class TextStream:
     def __init__(self, tokenizer, max_tokens: int, stop=None, skip_special_tokens: bool = True):
         self.detok = StreamingDetokenizer(tokenizer, skip_special_tokens)
-        self.eos = tokenizer.eos_token_ids
         self.stop = [s for s in (stop or []) if s]
+        stop_ids = {single_token(tokenizer, s) for s in self.stop} - {None}
+        self.eos = set(tokenizer.eos_token_ids) | stop_ids
         self.max_tokens = max_tokens
         self.n, self.held = 0, ""
 

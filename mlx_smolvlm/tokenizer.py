@@ -9,9 +9,12 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
-from .errors import TokenizerError
+from .errors import InvalidRequestError, TokenizerError
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+# transformers' SPECIAL_TOKENS_ATTRIBUTES: with `additional_special_tokens` and the extra special
+# tokens, the tokens `all_special_tokens` names, which `skip_special_tokens` removes here.
+NAMED_SPECIAL = (*SPECIAL_TOKEN_NAMES, "sep_token", "cls_token", "mask_token")
 GGUF_CONTROL = 3  # llama.cpp token type of `<|im_start|>` and friends
 
 
@@ -38,10 +41,14 @@ class Tokenizer:
     """Byte-level BPE tokenizer with the checkpoint's special tokens and chat template.
 
     `special_tokens` maps names such as `eos_token` or `image_token` to token strings.
+    `skip_ids`: the ids `decode(..., skip_special_tokens=True)` drops (the tokenizer's named
+    special tokens); None drops every added token the backend flags special.
     """
 
-    def __init__(self, backend, chat_template=None, special_tokens=None, eos_token_ids=None):
+    def __init__(self, backend, chat_template=None, special_tokens=None, eos_token_ids=None,
+                 skip_ids=None):
         self.backend = backend
+        self.skip_ids = None if skip_ids is None else frozenset(skip_ids)
         self.chat_template = chat_template
         self.special_tokens = dict(special_tokens or {})
         if eos_token_ids is None:
@@ -76,7 +83,12 @@ class Tokenizer:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens=False):
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        if skip_special_tokens and self.skip_ids is not None:
+            # Only the named ones: DocTags are added tokens flagged special but not named, and
+            # docling's vLLM preset asks for skip_special_tokens and still expects them.
+            return self.backend.decode([i for i in ids if i not in self.skip_ids], skip_special_tokens=False)
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, i):
         return self.backend.id_to_token(int(i))
@@ -102,6 +114,8 @@ class Tokenizer:
             self._templates[source] = _template_env().from_string(source)
         if reads_parts_only(source):
             messages = [text_parts(m) for m in messages]
+        elif reads_strings_only(source):
+            messages = [text_string(m) for m in messages]
         return self._templates[source].render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
@@ -122,6 +136,27 @@ def text_parts(message: dict) -> dict:
     if isinstance(message.get("content"), str):
         return {**message, "content": [{"type": "text", "text": message["content"]}]}
     return message
+
+
+def reads_strings_only(template: str) -> bool:
+    """True for a template that never looks inside a message's content, like SmolLM2's text-only
+    one (`message['content'] + ...`): a list of parts would be a jinja TypeError."""
+    return not any(k in template for k in ("['type']", '["type"]', ".type", "is string", "is not string",
+                                           "is mapping", "is iterable", "is sequence"))
+
+
+def text_string(message: dict) -> dict:
+    """Text parts joined into the string such a template takes; media it cannot place."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    kinds = sorted({p.get("type") for p in content if p.get("type") != "text"})
+    if kinds:
+        raise InvalidRequestError(
+            f"this model's chat template takes text only (string content), so it cannot place the "
+            f"{'/'.join(kinds)} of a {message.get('role')} message; use a SmolVLM chat template"
+        )
+    return {**message, "content": "".join(p.get("text", "") for p in content)}
 
 
 def read_json(path):
@@ -170,11 +205,23 @@ def load_tokenizer(path):
             special.update((name, _token_content(value)) for name, value in named.items())
 
     eos_ids = set()
+    skip_ids = {backend.token_to_id(t) for t in named_special_tokens(config)} - {None}
     if special.get("eos_token") is not None:
         eos_ids.add(backend.token_to_id(special["eos_token"]))
     eos = read_json(path / "generation_config.json").get("eos_token_id")
     eos_ids.update(eos if isinstance(eos, list) else [eos])
-    return Tokenizer(backend, read_chat_template(path), special, eos_ids)
+    return Tokenizer(backend, read_chat_template(path), special, eos_ids, skip_ids)
+
+
+def named_special_tokens(config: dict) -> set[str]:
+    """The tokens transformers' `all_special_tokens` lists for this tokenizer_config: bos, eos,
+    unk, pad (sep, cls, mask), `additional_special_tokens` and the extra special tokens (a list
+    in transformers 5, named in a dict in 4). Not every added token flagged `special`."""
+    names = {_token_content(config.get(k)) for k in NAMED_SPECIAL}
+    for key in ("additional_special_tokens", "extra_special_tokens", "model_specific_special_tokens"):
+        value = config.get(key) or []
+        names.update(map(_token_content, value.values() if isinstance(value, dict) else value))
+    return {n for n in names if isinstance(n, str)}
 
 
 def _bytes_to_unicode():

@@ -83,6 +83,7 @@ class VideoFrames:
     fps: float  # the stream's average frame rate
     total_frames: int
     duration: float  # seconds, total_frames / fps as the reference computes it
+    decoded_frames: int = 0  # frames decoded to reach the sampled ones (from keyframes)
 
     @property
     def timestamps(self) -> list[float]:
@@ -128,7 +129,7 @@ def _open(path: Path):
     return container
 
 
-def _frame_pts(container, stream) -> tuple[list[int], set[int]]:
+def _frame_pts(container, stream, limit: int | None = None) -> tuple[list[int], set[int]]:
     # Demux without decoding: presentation-ordered pts of every frame (frame i is the
     # i-th frame the decoder emits, as the reference counts) and the keyframes among them.
     pts, keys = [], set()
@@ -136,6 +137,8 @@ def _frame_pts(container, stream) -> tuple[list[int], set[int]]:
         if packet.pts is None:
             continue
         pts.append(packet.pts)
+        if limit is not None and len(pts) > limit:  # each packet costs ~10 us to demux
+            raise VideoError(f"the video has more than {limit} frames")
         if packet.is_keyframe:
             keys.add(packet.pts)
     container.seek(0)
@@ -161,6 +164,19 @@ def _decode(container, stream, pts: list[int], keys: set[int], indices: np.ndarr
             return
 
 
+def _decoded_count(pts: list[int], keys: set[int], indices: np.ndarray) -> int:
+    # How many frames `_decode` runs through: from the keyframe before a wanted frame when
+    # it seeks, else on from the last wanted one.
+    key_idx = sorted(i for i, p in enumerate(pts) if p in keys)
+    n, last = 0, None
+    for i in indices:
+        j = key_idx[max(np.searchsorted(key_idx, i, side="right") - 1, 0)] if key_idx else 0
+        start = j if last is None or j > last else last + 1
+        n += i - start + 1
+        last = i
+    return int(n)
+
+
 def _reason(e) -> str:
     return e.strerror or type(e).__name__
 
@@ -172,11 +188,13 @@ def load_video(
     skip_secs: float = 1.0,
     decode: bool = True,
     frame_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    max_total_frames: int | None = None,
 ) -> VideoFrames:
     """Decode only the frames SmolVLM2 samples from `path`, upright, as RGB uint8.
 
     `frame_fn` maps each frame as soon as it is decoded (a resize: full-size frames are
     then never all held). With `decode=False` nothing is decoded: `frames` is None.
+    `max_total_frames` refuses a longer video while demuxing it.
     """
     import av
 
@@ -186,7 +204,7 @@ def load_video(
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         try:
-            pts, keys = _frame_pts(container, stream)
+            pts, keys = _frame_pts(container, stream, max_total_frames)
         except av.FFmpegError as e:
             raise VideoError(f"{path}: the video is corrupt ({_reason(e)})") from None
         # The reference trusts the container's frame count; fall back to the demuxed one.
@@ -197,10 +215,14 @@ def load_video(
         duration = total / rate
         indices = sample_frame_indices(total, rate, duration, fps, max_frames, skip_secs)
         if not decode:
-            return VideoFrames(str(path), None, indices, rate, total, duration)
-        frames = []
+            return VideoFrames(str(path), None, indices, rate, total, duration,
+                               _decoded_count(pts, keys, indices))
+        frames, declared = [], stream.codec_context.width * stream.codec_context.height
         try:
             for f in _decode(container, stream, pts, keys, indices):
+                if declared and f.width * f.height > declared:  # budgets were judged on the header
+                    raise VideoError(f"{path}: a frame of {f.width}x{f.height} is larger than the stream's "
+                                     f"{stream.codec_context.width}x{stream.codec_context.height}")
                 rgb = _upright(f.to_ndarray(format="rgb24"), f.rotation)
                 frames.append(frame_fn(rgb) if frame_fn else rgb)
         except av.FFmpegError as e:

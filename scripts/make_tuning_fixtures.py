@@ -12,7 +12,12 @@ embedding scale, and the connector is scaled so image features sit at that scale
 `write_cards`: a dataset where only the image tells the answer: the same question about
 three cards, each with its own answer (train.jsonl = valid.jsonl, mlx-vlm's row format).
 
+`write_hf_datasets`: The Cauldron's columns (images, texts) written by the `datasets` library
+itself as a `save_to_disk` DatasetDict (train + validation) and as parquet; committed under
+tests/fixtures/tuning so the tests read real files without `datasets` installed.
+
     python scripts/make_tuning_fixtures.py DEST [--dtype float32]   # DEST/model, DEST/cards
+    python scripts/make_tuning_fixtures.py --hf-datasets tests/fixtures/tuning
 """
 
 import argparse
@@ -28,19 +33,22 @@ TILE, PATCH, SCALE = 256, 16, 4
 IMAGE_TOKEN_ID, VOCAB = 49190, 49280
 
 
-def config(text_cfg) -> dict:
+def config(text_cfg, vision_layers: int = 1, tile: int = TILE, tied: bool = True) -> dict:
     text = {k: getattr(text_cfg, k) for k in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings")}
     text.update(vocab_size=VOCAB, rope_theta=text_cfg.rope_parameters["rope_theta"], model_type="llama")
-    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=1, num_attention_heads=12,
-                  patch_size=PATCH, image_size=TILE)
+    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=vision_layers,
+                  num_attention_heads=12, patch_size=PATCH, image_size=tile)
     return dict(architectures=["Idefics3ForConditionalGeneration"], model_type="idefics3",
-                scale_factor=SCALE, image_token_id=IMAGE_TOKEN_ID, tie_word_embeddings=True,
+                scale_factor=SCALE, image_token_id=IMAGE_TOKEN_ID, tie_word_embeddings=tied,
                 vision_config=vision, text_config=text)
 
 
-def write_real_decoder_vlm(dest: Path, dtype: str = "float32") -> Path:
+def write_real_decoder_vlm(dest: Path, dtype: str = "float32", vision_layers: int = 1, tile: int = TILE,
+                           tied: bool = True) -> Path:
+    """`vision_layers=12, tile=512, tied=False`: the full SmolVLM-256M geometry (untied, as its
+    config is; mlx-vlm's trainer needs a separate head), e.g. for bench/finetune_peers.py."""
     from make_tokenizer import write_processor_folder
 
     from mlx_smolvlm.models.config import ModelConfig
@@ -52,7 +60,7 @@ def write_real_decoder_vlm(dest: Path, dtype: str = "float32") -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     text, _ = load_gguf(packaged_smollm2())
     dequantize_model(text, mx.float32)
-    cfg = config(text.config)
+    cfg = config(text.config, vision_layers, tile, tied)
     mx.random.seed(0)
     model = Model(ModelConfig.from_dict(cfg))
     weights = {f"model.text_model.{k[len('model.'):]}": v
@@ -65,11 +73,13 @@ def write_real_decoder_vlm(dest: Path, dtype: str = "float32") -> Path:
     proj = model.model.connector.modality_projection.proj.weight
     weights["model.connector.modality_projection.proj.weight"] = (
         mx.random.normal(proj.shape) * std / proj.shape[1] ** 0.5)
+    if not tied:
+        weights["lm_head.weight"] = weights["model.text_model.embed_tokens.weight"]
     model.load_weights(list(weights.items()), strict=False)
     params = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
     mx.save_safetensors(str(dest / "model.safetensors"), params)
     (dest / "config.json").write_text(json.dumps(cfg, indent=2))
-    write_processor_folder(dest, "smolvlm", TILE, (TILE // PATCH // SCALE) ** 2, TILE, VOCAB,
+    write_processor_folder(dest, "smolvlm", tile, (tile // PATCH // SCALE) ** 2, tile, VOCAB,
                            IMAGE_TOKEN_ID)
     return dest
 
@@ -100,11 +110,41 @@ def write_cards(dest: Path) -> Path:
     return dest
 
 
+HF_ROWS = [  # (colour, [(user, assistant), ...])
+    ((200, 40, 40), [("What colour is it?", "Red."), ("Sure?", "Quite sure.")]),
+    ((40, 40, 200), [("What colour is it?", "Blue.")]),
+]
+
+
+def write_hf_datasets(dest: Path) -> Path:
+    import datasets
+    from PIL import Image
+
+    dest = Path(dest)
+    columns = {
+        "images": [[Image.new("RGB", (12, 8), rgb)] for rgb, _ in HF_ROWS],
+        "texts": [[{"user": u, "assistant": a} for u, a in turns] for _, turns in HF_ROWS],
+    }
+    features = datasets.Features({
+        "images": datasets.Sequence(datasets.Image()),
+        "texts": [{"user": datasets.Value("string"), "assistant": datasets.Value("string")}],
+    })
+    ds = datasets.Dataset.from_dict(columns, features=features)
+    datasets.DatasetDict({"train": ds, "validation": ds}).save_to_disk(str(dest / "cauldron_disk"))
+    (dest / "parquet").mkdir(parents=True, exist_ok=True)
+    ds.to_parquet(str(dest / "parquet" / "train.parquet"))
+    return dest
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dest", type=Path)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--hf-datasets", action="store_true", help="write the datasets/parquet fixtures only")
     a = ap.parse_args(argv)
+    if a.hf_datasets:
+        print(write_hf_datasets(a.dest), file=sys.stderr)
+        return
     print(write_real_decoder_vlm(a.dest / "model", a.dtype), write_cards(a.dest / "cards"), file=sys.stderr)
 
 

@@ -8,19 +8,33 @@ import io
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 from PIL import Image
+from helpers import decided_steps
 from serving import serve
 
-from mlx_smolvlm.generate import generate, load
+from mlx_smolvlm.generate import load, stream_generate
 from mlx_smolvlm.image_processing import decode_image
 from mlx_smolvlm.sample_utils import make_logits_processors, make_sampler
 
 KEY = "test-key"
 MAX_TOKENS = 12
+# The server batches requests; a batched row and a solo run differ in float32 summation order
+# only (test_batch.py). Texts are compared whole, so every step's margin must be wider than
+# twice this: `greedy_text` checks it.
+BATCH_MOVE = 1e-4
+
+
+def greedy_text(model, processor, messages, max_tokens):
+    """Greedy text of `messages` run alone, after checking no step of it is a near-tie."""
+    rs = list(stream_generate(model, processor, messages, max_tokens=max_tokens))
+    logprobs = [r.logprobs for r in rs]
+    assert decided_steps(logprobs, BATCH_MOVE) == len(rs), "a near-tie: the batched answer may differ"
+    return "".join(r.text for r in rs)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +59,7 @@ def solo(tiny_idefics3):
     def run(messages, max_tokens=MAX_TOKENS):
         key = json.dumps([messages, max_tokens])
         if key not in memo:
-            memo[key] = generate(model, processor, to_processor(messages), max_tokens=max_tokens)
+            memo[key] = greedy_text(model, processor, to_processor(messages), max_tokens)
         return memo[key]
 
     return run
@@ -100,7 +114,7 @@ def bad_requests(sample_images):
     big_url = "data:image/png;base64," + base64.b64encode(big.getvalue()).decode()
     corrupt = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nnot really").decode()
     return [
-        (dict(messages=ask("x"), max_tokens=10_000), 400, "max_tokens"),
+        (dict(messages=ask("x"), max_tokens=2.5), 400, "max_tokens"),
         (dict(messages=ask("x"), max_completion_tokens=0), 400, "max_completion_tokens"),
         (dict(messages=ask("x", wide, wide, wide, wide)), 400, "messages"),
         (dict(messages=ask("x", big_url)), 400, "messages[0].content[0]"),
@@ -157,6 +171,20 @@ def test_logprobs_stop_and_special_tokens(client, solo, sample_images):
     assert "<|reserved_special_token_" in kept.choices[0].message.content
 
 
+def test_max_tokens_beyond_the_limit_is_cut_to_it(client, solo, sample_images):
+    """max_tokens above --max-tokens-limit (500) answers as max_tokens=500 would; 64 stop
+    strings are accepted, 65 are not."""
+    messages = good_requests(sample_images)[1]
+    never = [f"\x00{i}" for i in range(64)]
+    r = client.chat.completions.create(model="m", messages=messages, max_tokens=10**9, stop=never)
+    assert r.choices[0].message.content == solo(messages, 500)
+    n = r.usage.completion_tokens
+    assert n <= 500 and r.choices[0].finish_reason == ("length" if n == 500 else "stop")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=messages, stop=never + ["x"])
+    assert e.value.body["param"] == "stop"
+
+
 def test_seeded_sampling_repeats(client, sample_images):
     kw = dict(model="m", messages=good_requests(sample_images)[1], max_tokens=MAX_TOKENS, temperature=1.0,
               top_p=0.95, seed=3)
@@ -171,11 +199,14 @@ def test_sampling_settings_as_the_python_api(client, tiny_idefics3, sample_image
     API: the same sampler factory and logits processors, so the same text."""
     model, processor = load(tiny_idefics3)
     messages = good_requests(sample_images)[0]
-    expected = generate(model, processor, to_processor(messages), max_tokens=MAX_TOKENS,
-                        sampler=make_sampler(kw["temperature"], 1.0, kw.get("top_k", 0), kw.get("min_p", 0.0),
-                                             kw.get("seed")),
-                        logits_processors=make_logits_processors(kw.get("repetition_penalty"),
-                                                                 kw.get("repetition_context_size", 20)))
+    rs = list(stream_generate(model, processor, to_processor(messages), max_tokens=MAX_TOKENS,
+                              sampler=make_sampler(kw["temperature"], 1.0, kw.get("top_k", 0), kw.get("min_p", 0.0),
+                                                   kw.get("seed")),
+                              logits_processors=make_logits_processors(kw.get("repetition_penalty"),
+                                                                       kw.get("repetition_context_size", 20))))
+    if kw["temperature"] == 0:
+        assert decided_steps([r.logprobs for r in rs], BATCH_MOVE) == len(rs), "a near-tie: texts may differ"
+    expected = "".join(r.text for r in rs)
     extra = {k: v for k, v in kw.items() if k not in ("temperature", "seed")}
     r = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS,
                                        temperature=kw["temperature"], seed=kw.get("seed"), extra_body=extra)
@@ -287,5 +318,31 @@ def test_video_part(client, tmp_path, tmp_path_factory):
     model, processor = load(folder)
     local = [{"role": "user", "content": [{"type": "video", "path": str(path)},
                                           {"type": "text", "text": "What happens?"}]}]
-    assert r.choices[0].message.content == generate(model, processor, local, max_tokens=MAX_TOKENS)
+    assert r.choices[0].message.content == greedy_text(model, processor, local, MAX_TOKENS)
     assert r.usage.prompt_tokens > 50  # the frames' tokens are in
+
+
+def test_prompt_lookup_per_request(client, solo, sample_images):
+    """Speculative decoding by prompt lookup, per request (`prompt_lookup_tokens`, our
+    extension): the same answers, concurrently with plain requests; usage reports the drafts
+    in OpenAI's predicted-output fields."""
+    requests = good_requests(sample_images)[:4]
+
+    def one(i):
+        extra = {"prompt_lookup_tokens": 5, "ngram_size": 2} if i % 2 == 0 else {}
+        return client.chat.completions.create(model="m", messages=requests[i], max_tokens=MAX_TOKENS,
+                                              extra_body=extra)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(4)))
+    drafted = 0
+    for i, r in enumerate(results):
+        assert r.choices[0].message.content == solo(requests[i])
+        details = r.usage.completion_tokens_details
+        if i % 2 and details is not None:
+            assert not details.accepted_prediction_tokens and not details.rejected_prediction_tokens
+        elif details is not None:
+            drafted += details.accepted_prediction_tokens + details.rejected_prediction_tokens
+    assert drafted > 0
+    with pytest.raises(openai.BadRequestError, match="prompt_lookup_tokens"):
+        client.chat.completions.create(model="m", messages=ask("x"), extra_body={"prompt_lookup_tokens": -1})

@@ -96,7 +96,8 @@ def server(tiny_idefics3, tmp_path_factory):
             "--max-request-bytes", str(25 * 2**20), "--remote-timeout", "2", "--default-max-tokens", "4",
             "--max-tokens-limit", "2000", "--max-batch", "4", "--max-queue", "2", "--max-concurrent-per-key", "3",
             "--header-timeout", "1", "--body-timeout", "2", "--max-connections", "64", "--log-level", "warning",
-            "--max-video-decode-pixels", "1000000", "--max-video-sample-pixels", "200000"]
+            "--max-video-decode-pixels", "1000000", "--max-video-sample-pixels", "500000",
+            "--max-video-frames", "50"]
     with serve_process(tiny_idefics3, folder / "server.log", *args) as (url, proc):
         yield url, proc.pid
 
@@ -228,7 +229,7 @@ def test_private_networks_flag_and_domains(tiny_idefics3, tmp_path, decoy):
         assert_openai_error(r)
         r, dt = chat(c, media(f"http://localhost:{p}/slow"))  # one byte every 0.2 s
         assert assert_openai_error(r)["message"] == GENERIC_FETCH_ERROR
-        assert 2.9 < dt < 5, dt
+        assert 2.9 < dt < 8, dt
         RESULTS.append(("trickling download (1 B / 0.2 s), --remote-timeout 3", "400 after the one deadline",
                         dt, *rss_mb(proc.pid)))
         for _ in range(100):  # the decoy sees the first download's socket closed (at most 2 s)
@@ -252,7 +253,7 @@ def test_private_networks_flag_and_domains(tiny_idefics3, tmp_path, decoy):
                 break
             time.sleep(0.02)
         gone = decoy.slow_ended[-1] - left
-        assert len(decoy.slow_ended) > ended and gone < 1.0, gone
+        assert len(decoy.slow_ended) > ended and gone < 2.0, gone
         assert decoy.hits[before:] == ["/img.png", "/redirect", "/slow", "/slow"]
         RESULTS.append(("client leaves during a trickling download", "download closed", gone, *rss_mb(proc.pid)))
 
@@ -290,16 +291,22 @@ def test_media_bombs(server, client, baseline, tmp_path):
     record(server, "image_url: PNG 12000x12000 (420 KB)", "400 from the header", dt)
     from video_synth import make_video
 
-    # 24 frames of 256x256: 1.6 M pixels to decode, over --max-video-decode-pixels 1000000
-    big = make_video(tmp_path / "big.mp4", 1, 24, 256, 256)
-    r, dt = chat(client, media(b64("video/mp4", big.read_bytes()), "video_url"))
-    assert "decode budget" in assert_openai_error(r)["message"] and dt < 3
-    record(server, "video over the decode budget", "400 from the stream metadata", dt)
-    # 4 s at 2 fps of 320x320: 4 sampled frames (1 fps) of 0.1 M pixels, over --max-video-sample-pixels
-    wide = make_video(tmp_path / "wide.mp4", 4, 2, 320, 320)
+    # 4 s at 6 fps of 320x320: 4 sampled frames (1 fps), but ~20 decoded to reach them (GOP 12)
+    # of 0.1 M pixels each: over --max-video-decode-pixels 1000000
+    gop = make_video(tmp_path / "gop.mp4", 4, 6, 320, 320)
+    r, dt = chat(client, media(b64("video/mp4", gop.read_bytes()), "video_url"))
+    assert "decode budget" in assert_openai_error(r)["message"] and dt < 3, r.text
+    record(server, "video over the decode budget (frames from keyframes)", "400 from demuxing, no decoding", dt)
+    # 4 s at 2 fps of 384x384: 4 sampled frames of 0.15 M pixels, over --max-video-sample-pixels
+    wide = make_video(tmp_path / "wide.mp4", 4, 2, 384, 384)
     r, dt = chat(client, media(b64("video/mp4", wide.read_bytes()), "video_url"))
-    assert "4 sampled frames of 320x320" in assert_openai_error(r)["message"] and dt < 3
-    record(server, "video over the sampled-frames budget", "400 from the stream metadata", dt)
+    assert "4 sampled frames of 384x384" in assert_openai_error(r)["message"] and dt < 3, r.text
+    record(server, "video over the sampled-frames budget", "400 from demuxing, no decoding", dt)
+    # 60 frames in the file, over --max-video-frames 50: refused while demuxing
+    many = make_video(tmp_path / "many.mp4", 6, 10, 16, 16)
+    r, dt = chat(client, media(b64("video/mp4", many.read_bytes()), "video_url"))
+    assert "more than 50 frames" in assert_openai_error(r)["message"] and dt < 3, r.text
+    record(server, "video with more frames than --max-video-frames", "400 while demuxing", dt)
     assert good_answer(client) == baseline
 
 
@@ -363,10 +370,16 @@ def test_fuzzed_field_types(server, client, baseline):
     paths = [(k,) for k in base] + [("messages", 0, "role"), ("messages", 0, "content"),
                                     ("messages", 0, "content", 0), ("messages", 0, "content", 0, "type"),
                                     ("messages", 0, "content", 0, "text"), ("messages", 0)]
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    image = {"type": "image_url", "image_url": {"url": b64("image/png", png.getvalue())}}
+    with_image = {**base, "messages": [{"role": "user", "content": [image, {"type": "text", "text": "hi"}]}]}
+    paths = [(base, p) for p in paths] + [(with_image, ("messages", 0, "content", 0, k)) for k in ("type", "image_url")] \
+        + [(with_image, ("messages", 0, "content", 0, "image_url", "url"))]
     statuses, t0 = [], time.perf_counter()
-    for path in paths:
+    for start, path in paths:
         for v in rng.sample(fuzz_values(), 6):
-            body = json.loads(json.dumps(base))
+            body = json.loads(json.dumps(start))
             node = body
             for k in path[:-1]:
                 node = node[k]
@@ -454,18 +467,20 @@ def test_slowloris_does_not_starve(server, client, baseline):
 
 def test_client_leaving_stops_decoding(server, client):
     """A non-streamed request whose client leaves stops decoding within a step."""
-    body = json.dumps({"messages": [{"role": "user", "content": "Count."}], "max_tokens": 1900,
-                       "temperature": 1.0, "seed": 1})
+    body = json.dumps({"messages": [{"role": "user", "content": "Count."}], "max_tokens": 1900})
     t = time.perf_counter()
-    assert client.post("/v1/chat/completions", content=body).status_code == 200
+    r = client.post("/v1/chat/completions", content=body)
     full = time.perf_counter() - t
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1900, r.text[:300]
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS[0]}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode()
     s = raw_socket(server, head)
-    for _ in range(200):  # wait (at most 2 s) until it decodes, then leave
+    for _ in range(500):  # wait (at most 5 s) until it decodes, then leave
         if client.get("/health").json()["active"] == 1:
             break
         time.sleep(0.01)
+    else:
+        raise AssertionError("the request never started decoding")
     s.close()
     t = time.perf_counter()
     for _ in range(200):
@@ -554,3 +569,37 @@ def test_server_fault_is_a_logged_500(caplog):
         assert "beyond the context" in assert_openai_error(r)["message"]
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 401}]})
         assert assert_openai_error(r)["code"] == "context_length_exceeded"  # 100 tokens x 4 characters
+
+
+def test_decode_budget_counts_what_the_decoder_decodes(tmp_path):
+    """`load_video(decode=False).decoded_frames`, which the decode budget uses, equals the
+    frames the decoder really produces to reach the sampled ones (GOP 12, B-frames)."""
+    import av
+    from video_synth import make_video
+
+    from mlx_smolvlm import video
+
+    path = make_video(tmp_path / "gop.mp4", 8, 6, 64, 64)
+    probe = video.load_video(path, decode=False)
+    produced = 0
+
+    class Counting:  # the container, counting the frames its decoder yields
+        def __init__(self, container):
+            self.container = container
+
+        def seek(self, *args, **kwargs):
+            return self.container.seek(*args, **kwargs)
+
+        def decode(self, stream):
+            nonlocal produced
+            for frame in self.container.decode(stream):
+                produced += 1
+                yield frame
+
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        pts, keys = video._frame_pts(c, stream)
+        frames = list(video._decode(Counting(c), stream, pts, keys, probe.indices))
+    print(f"{len(probe.indices)} samples of {probe.total_frames} frames: {produced} decoded, "
+          f"{probe.decoded_frames} counted")
+    assert len(frames) == len(probe.indices) > 2 and produced == probe.decoded_frames

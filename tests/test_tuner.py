@@ -195,7 +195,7 @@ def test_padded_batch_loss_is_the_token_weighted_mean(tiny_idefics3, images):
                                                      {"user": "More?", "assistant": "No."}]}]
     samples = [encode(processor, row_messages(r, "r", images)) for r in rows]
     batch = collate(samples)
-    assert batch.pixel_values.shape[1] == 2 * samples[2].pixel_values.shape[0] // 2
+    assert [p.shape for p, _ in batch.media] == [s.pixel_values.shape for s in samples[1:]]
     loss, n = loss_fn(model, batch)
     parts = [loss_fn(model, collate([s])) for s in samples]
     want = sum(l.item() * k.item() for l, k in parts) / sum(k.item() for _, k in parts)
@@ -301,9 +301,129 @@ def test_ctrl_c_keeps_the_last_saved_adapter(tiny_idefics3, data, tmp_path):
             if saved == 3:
                 break
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
     weights = mx.load(str(out / "adapters.safetensors"))  # whole, loadable
     assert weights and not list(out.glob(".*tmp*"))
+
+
+TUNING = Path(__file__).parent / "fixtures" / "tuning"  # written by `datasets` itself (scripts/)
+
+
+@pytest.mark.parametrize("data", ["cauldron_disk", "parquet"])
+def test_datasets_folder_and_parquet(data, tiny_idefics3):
+    """The Cauldron's columns in a save_to_disk DatasetDict and in parquet (images as PNG
+    bytes) give the samples the same rows give from PIL images."""
+    from make_tuning_fixtures import HF_ROWS
+
+    processor = load_processor(tiny_idefics3)
+    ds = load_split(TUNING / data, "train", processor, 300)
+    val = load_split(TUNING / data, "valid", processor, 300)
+    assert len(ds) == len(HF_ROWS) and (val is None) == (data == "parquet")
+    for sample, (rgb, pairs) in zip(ds.samples, HF_ROWS):
+        row = {"images": [Image.new("RGB", (12, 8), rgb)],
+               "texts": [{"user": u, "assistant": a} for u, a in pairs]}
+        want = encode(processor, row_messages(row, "r", TUNING))
+        assert np.array_equal(sample.input_ids, want.input_ids) and np.array_equal(sample.mask, want.mask)
+        assert np.array_equal(sample.pixel_values, want.pixel_values)
+
+
+def test_full_fine_tune_and_lr_schedule(tiny_idefics3, data, tmp_path):
+    (tmp_path / "c.yaml").write_text("lr_schedule:\n  name: cosine_decay\n  warmup: 2\n  arguments: [0.01, 4]\n")
+    out = tmp_path / "full"
+    r = lora_cli("--model", tiny_idefics3, "--train", "--data", data, "--iters", 4, "--fine-tune-type", "full",
+                 "--num-layers", 1, "--learning-rate", 0.01, "--steps-per-report", 1, "--adapter-path", out,
+                 "-c", tmp_path / "c.yaml")
+    assert r.returncode == 0, r.stderr
+    lrs = [float(ln.split("lr ")[1].split(",")[0]) for ln in r.stdout.splitlines() if "train loss" in ln]
+    print(r.stdout)
+    # the rate each step used: linear warmup from 0 over 2 steps, then cosine from 0.01 over 4
+    assert lrs == pytest.approx([0.0, 0.005, 0.01, 0.01 * (1 + np.cos(np.pi / 4)) / 2], rel=1e-3)  # printed to 4 digits
+    weights = mx.load(str(out / "adapters.safetensors"))
+    assert weights and all(k.startswith("model.text_model.layers.1.") for k in weights)  # the last layer only
+    assert json.loads((out / "adapter_config.json").read_text())["fine_tune_type"] == "full"
+
+
+def test_grad_accumulation_averages_the_micro_batches(tiny_idefics3, images):
+    """One step of 2 accumulated batches of 1 = SGD on the mean of the two rows' gradients."""
+    import mlx.optimizers as optim
+
+    from mlx_smolvlm.tuner.trainer import TrainingArgs, train
+
+    processor, model = load_processor(tiny_idefics3), load_model(tiny_idefics3)
+    samples = [encode(processor, row_messages(r, "r", images)) for r in ROW_FORMATS.values()][1:]
+    samples[1] = encode(processor, row_messages({"texts": [{"user": "Text?", "assistant": "Only text."}]},
+                                                "r", images))
+    model.freeze()
+    linear_to_lora_layers(model, -1, {"rank": 4, "alpha": 8})
+    before = dict(tree_flatten(model.trainable_parameters()))
+    grads = [dict(tree_flatten(nn.value_and_grad(model, loss_fn)(model, collate([s]))[1])) for s in samples]
+    args = TrainingArgs(batch_size=1, iters=1, grad_accumulation_steps=2, steps_per_eval=100)
+    train(model, optim.SGD(0.1), samples, args=args, report=lambda line: None)
+    after = dict(tree_flatten(model.trainable_parameters()))
+    for k in before:
+        want = before[k] - 0.1 * (grads[0][k] + grads[1][k]) / 2
+        assert mx.allclose(after[k], want, rtol=1e-5, atol=1e-7).item(), k
+
+
+def test_pixels_past_the_cache_budget_are_read_again(tiny_idefics3, data):
+    from mlx_smolvlm.tuner.datasets import ChatDataset, split_rows
+
+    processor = load_processor(tiny_idefics3)
+    held = load_split(data, "train", processor, 300)
+    lean = ChatDataset(split_rows(data, "train"), processor, 300, cache_bytes=0)
+    assert all(s.pixel_values is None for s in lean.samples)
+    for i in range(len(held)):
+        a, b = held[i], lean[i]
+        assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.pixel_values, b.pixel_values)
+
+
+def test_frozen_vision_features_are_computed_once_per_sample(tiny_idefics3, data):
+    """LoRA on the decoder only: the vision tower runs once per sample over the whole run,
+    and the loss from cached features equals the loss from pixels."""
+    import mlx.optimizers as optim
+
+    from mlx_smolvlm.tuner.trainer import TrainingArgs, frozen_vision, train
+
+    processor, model = load_processor(tiny_idefics3), load_model(tiny_idefics3)
+    model.freeze()
+    linear_to_lora_layers(model, -1, {"rank": 4, "alpha": 8})
+    assert frozen_vision(model)
+    ds = load_split(data, "train", processor, 300)
+    from_pixels = loss_fn(model, collate([ds[i] for i in range(len(ds))]))[0].item()
+    calls = []
+    encode_images = model.encode_images
+    model.encode_images = lambda *a: calls.append(1) or encode_images(*a)
+    train(model, optim.SGD(0.0), ds, args=TrainingArgs(batch_size=2, iters=6, steps_per_eval=100),
+          report=lambda line: None)
+    assert len(calls) == len(ds) and all(s.features is not None and s.pixel_values is None for s in ds.samples)
+    from_features = loss_fn(model, collate([ds[i] for i in range(len(ds))]))[0].item()
+    assert abs(from_features - from_pixels) < 1e-6 * from_pixels
+
+    model = load_model(tiny_idefics3)
+    model.freeze()
+    linear_to_lora_layers(model, -1, {"rank": 4, "alpha": 8, "train_connector": True})
+    assert not frozen_vision(model)
+
+
+def test_video_and_image_rows_share_a_batch(tmp_path_factory, images):
+    """A SmolVLM2 batch of a video row (24-px frames, 4 tokens each) and an image row (36-px
+    tiles, 9 tokens each): each row's images are encoded at its own size, so the batch loss is
+    the token-weighted mean of the rows' losses (padding frames to the tiles' size would give
+    the video 9 feature rows per frame for its 4 tokens)."""
+    from make_generate_golden import tiny_folder
+
+    folder = tiny_folder("tiny-smolvlm", tmp_path_factory.mktemp("tiny-smolvlm"))
+    processor, model = load_processor(folder), load_model(folder)
+    video = {"messages": [{"role": "user", "content": [{"type": "video", "path": VIDEO.name},
+                                                       {"type": "text", "text": "What?"}]},
+                          {"role": "assistant", "content": "A clip."}]}
+    rows = [encode(processor, row_messages(video, "v", VIDEO.parent), frame_size=24),
+            encode(processor, row_messages(ROW_FORMATS["cauldron"], "i", images))]
+    assert rows[0].pixel_values.shape[-1] == 24 and rows[1].pixel_values.shape[-1] == 36
+    loss, n = loss_fn(model, collate(rows))
+    parts = [loss_fn(model, collate([r])) for r in rows]
+    want = sum(p.item() * k.item() for p, k in parts) / sum(k.item() for _, k in parts)
+    assert abs(loss.item() - want) < 1e-5 * want

@@ -75,3 +75,23 @@ def test_adapter_answers_each_card_from_its_image(trained):
         assert answer not in base[name][0]
         assert got[name][0] == f" {answer}<end_of_utterance>"
         assert got[name][1] >= MARGIN
+
+
+def test_fused_folder_and_its_8bit_conversion_answer_as_the_adapter(trained, tmp_path):
+    """The trained adapter through --adapter-path (load_adapters), merged by
+    `python -m mlx_smolvlm.fuse`, and that folder converted to 8 bits: the same answers, each
+    token still ahead by MARGIN."""
+    from mlx_smolvlm.convert.converter import convert
+    from mlx_smolvlm.fuse import main as fuse_main
+
+    model_path, cards, adapter, _ = trained
+    fused = tmp_path / "fused"
+    assert fuse_main(["--model", str(model_path), "--adapter-path", str(adapter), "--save-path", str(fused)]) == 0
+    q8 = convert(str(fused), tmp_path / "q8", quantize=True, q_bits=8, evaluate=False)
+    for what, folder, adapter_path in (("--adapter-path", model_path, adapter), ("fused", fused, None),
+                                       ("fused, 8-bit", q8, None)):
+        got = answers(*load(folder, adapter_path=adapter_path), cards)
+        for name, (_, answer) in CARDS.items():
+            print(f"{name}, {what}: {got[name][0]!r} (min margin {got[name][1]:.2f} nats)")
+            assert got[name][0] == f" {answer}<end_of_utterance>"
+            assert got[name][1] >= MARGIN

@@ -6,7 +6,7 @@ Row formats (one JSON object per line of `train.jsonl` / `valid.jsonl` / `test.j
   - ours (transformers' message format): parts {"type": "image" | "video", "path" | "image" |
     "video" | "url": ...} inline, {"type": "text", "text": ...}; paths relative to the file.
   - The Cauldron's: {"images": [...], "texts": [{"user": ..., "assistant": ...}, ...]}.
-  - a `datasets` folder (`save_to_disk`) or parquet files, when `datasets` / `pyarrow` are there.
+  - a `datasets` folder (`save_to_disk`) or parquet files, read with pyarrow when it is installed.
 
 The loss covers the assistant turns only: each turn's span is where the model's own chat template
 renders it, read by rendering the conversation up to the turn with and without it.
@@ -41,6 +41,10 @@ class Sample:
     mask: np.ndarray  # (L,) bool: the token is a loss target (an assistant token)
     pixel_values: np.ndarray | None = None  # (N, C, H, W)
     pixel_attention_mask: np.ndarray | None = None  # (N, H, W)
+    features: mx.array | None = None  # (N, tokens, D): a frozen vision tower's output, kept
+
+    def has_media(self) -> bool:
+        return self.pixel_values is not None or self.features is not None
 
     def __len__(self):
         return len(self.input_ids)
@@ -211,16 +215,22 @@ def fit_length(sample: Sample, max_len: int, image_token_id: int) -> Sample | No
 # ---------------------------------------------------------------- files
 
 
+def _pyarrow(path):
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise DatasetError(f"{path}: reading parquet / datasets folders needs pyarrow "
+                           "(pip install pyarrow)") from None
+    return pyarrow
+
+
 def read_rows(path: Path):
     """(where, row, base folder) for each row of a JSONL or parquet file."""
     path = Path(path)
     if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DatasetError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path}:row {i + 1}", row, path.parent
+        rows = _pyarrow(path).parquet.read_table(path).to_pylist()
+        yield from ((f"{path}:row {i + 1}", row, path.parent) for i, row in enumerate(rows))
         return
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -233,26 +243,22 @@ def read_rows(path: Path):
             yield f"{path}:{n}", row, path.parent
 
 
-def _datasets_folder(path: Path, split: str):
-    """Rows of a `datasets.save_to_disk` folder's split (None when that split is absent)."""
-    try:
-        import datasets
-    except ImportError:
-        raise DatasetError(f"{path}: a datasets folder needs `datasets` (pip install datasets)") from None
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        name = {"valid": "validation"}.get(split, split)
-        ds = ds.get(split, ds.get(name))
-    elif split != "train":
-        return None
-    if ds is None:
-        return None
-    return ((f"{path}[{split}]:row {i + 1}", row, path) for i, row in enumerate(ds))
+def _arrow_folder(folder: Path):
+    """Rows of one `datasets.Dataset.save_to_disk` folder: Arrow stream files listed in its
+    state.json (read with pyarrow alone; `datasets` is not needed). Images come as
+    {"bytes", "path"} structs, datasets' Image feature."""
+    pa = _pyarrow(folder)
+    state = json.loads((folder / "state.json").read_text())
+    for f in state["_data_files"]:
+        with pa.memory_map(str(folder / f["filename"])) as source:
+            rows = pa.ipc.open_stream(source).read_all().to_pylist()
+        yield from ((f"{folder / f['filename']}:row {i + 1}", row, folder) for i, row in enumerate(rows))
 
 
 def split_rows(data: Path, split: str):
     """Rows of one split of `--data`: {split}.jsonl / {split}.parquet in a folder, a datasets
-    folder, or (train only) a single file. None when the split is absent."""
+    folder (a DatasetDict's `validation` split serves as `valid`), or (train only) a single
+    file or Dataset folder. None when the split is absent."""
     data = Path(data)
     if not data.exists():
         raise DatasetError(f"{data}: no such data file or folder")
@@ -261,35 +267,72 @@ def split_rows(data: Path, split: str):
     for ext in (".jsonl", ".parquet"):
         if (data / f"{split}{ext}").is_file():
             return read_rows(data / f"{split}{ext}")
-    if (data / "dataset_dict.json").is_file() or (data / "dataset_info.json").is_file():
-        return _datasets_folder(data, split)
+    if (data / "dataset_dict.json").is_file():
+        splits = json.loads((data / "dataset_dict.json").read_text())["splits"]
+        name = next((n for n in (split, {"valid": "validation"}.get(split)) if n in splits), None)
+        return None if name is None else _arrow_folder(data / name)
+    if (data / "state.json").is_file():
+        return _arrow_folder(data) if split == "train" else None
     return None
 
 
 class ChatDataset:
-    """Encoded samples of one split, over-long ones cut after their last image or dropped."""
+    """Encoded samples of one split, over-long ones cut after their last image or dropped.
+
+    Every row is encoded once up front (which also checks its media). Pixels are kept while
+    they fit in `cache_bytes`; past that a sample keeps its tokens and re-reads its media
+    when a batch needs it (one 17-tile image is 53 MB of float32 pixels)."""
 
     def __init__(self, rows, processor, image_token_id: int, max_seq_length: int | None = None,
-                 **controls):
-        self.samples, self.dropped = [], 0
+                 cache_bytes: int = 2 << 30, **controls):
+        self.processor, self.controls = processor, controls
+        self.feature_fn, self.feature_bytes = None, cache_bytes
+        self.samples, self.sources, self.dropped, held = [], [], 0, 0
         for where, row, base in rows:
-            try:
-                sample = encode(processor, row_messages(row, where, base), **controls)
-            except DatasetError:
-                raise
-            except (SmolVLMError, ValueError, OSError) as e:  # ImageError, VideoError, TokenizerError...
-                raise DatasetError(f"{where}: {e}") from None
-            sample = fit_length(sample, max_seq_length, image_token_id)
+            messages = row_messages(row, where, base)
+            sample = fit_length(self._encode(messages, where), max_seq_length, image_token_id)
             if sample is None:
                 self.dropped += 1
-            else:
-                self.samples.append(sample)
+                continue
+            if sample.pixel_values is not None:
+                held += sample.pixel_values.nbytes
+                if held > cache_bytes:
+                    sample = Sample(sample.input_ids, sample.mask)
+            self.samples.append(sample)
+            self.sources.append((messages, where))
+
+    def _encode(self, messages, where):
+        try:
+            return encode(self.processor, messages, **self.controls)
+        except (SmolVLMError, ValueError, OSError) as e:  # ImageError, VideoError, TokenizerError...
+            raise DatasetError(f"{where}: {e}") from None
 
     def __len__(self):
         return len(self.samples)
 
+    def cache_features(self, fn):
+        """Keep `fn(pixel_values, pixel_attention_mask)` (the frozen vision tower and connector)
+        per sample instead of its pixels, up to the byte budget: the tower then runs once per
+        sample, not once per epoch, and a feature row is 1/20 of its tile's pixels."""
+        self.feature_fn = fn
+
     def __getitem__(self, i):
-        return self.samples[i]
+        sample = self.samples[i]
+        if sample.features is not None:
+            return sample
+        messages, where = self.sources[i]
+        if sample.pixel_values is None and (message_images(messages) or message_images(messages, "video")):
+            full = self._encode(messages, where)
+            sample = Sample(sample.input_ids, sample.mask, full.pixel_values, full.pixel_attention_mask)
+        if self.feature_fn is None or sample.pixel_values is None:
+            return sample
+        feats = self.feature_fn(mx.array(sample.pixel_values), mx.array(sample.pixel_attention_mask))
+        mx.eval(feats)
+        sample = Sample(sample.input_ids, sample.mask, features=feats)
+        if feats.nbytes <= self.feature_bytes:
+            self.feature_bytes -= feats.nbytes
+            self.samples[i] = sample
+        return sample
 
 
 def load_split(data, split, processor, image_token_id, max_seq_length=None, **controls):
@@ -306,40 +349,28 @@ def load_split(data, split, processor, image_token_id, max_seq_length=None, **co
 class Batch:
     input_ids: mx.array  # (B, L) int32, right-padded
     labels: mx.array  # (B, L): the token where it is a loss target, else -100 (transformers')
-    pixel_values: mx.array | None  # (B, N, C, H, W), zero-padded images are dropped by the model
-    pixel_attention_mask: mx.array | None
+    media: list  # per row with images, in row order: features (N, T, D) or (pixels, mask)
     lengths: list  # real (unpadded) length of each row
     targets: mx.array  # (T,) flat positions b * L + t whose next token is a loss target
 
 
 def collate(samples: list[Sample], pad_id: int = 0) -> Batch:
     """Right-pad to the longest sample (padding is never a target: causal attention keeps it
-    from the real tokens); images zero-padded to the batch's most images and largest size."""
+    from the real tokens). Images stay per row, at their own size: each row's image tokens
+    were counted for its own tiles and frames."""
     B, L = len(samples), max(len(s) for s in samples)
     ids = np.full((B, L), pad_id, np.int32)
     labels = np.full((B, L), -100, np.int32)
     for i, s in enumerate(samples):
         ids[i, : len(s)] = s.input_ids
         labels[i, : len(s)] = np.where(s.mask, s.input_ids, -100)
-    pv = pam = None
-    with_images = [s for s in samples if s.pixel_values is not None]
-    if with_images:
-        N = max(len(s.pixel_values) for s in with_images)
-        C = with_images[0].pixel_values.shape[1]
-        H = max(s.pixel_values.shape[2] for s in with_images)
-        W = max(s.pixel_values.shape[3] for s in with_images)
-        pv = np.zeros((B, N, C, H, W), np.float32)
-        pam = np.zeros((B, N, H, W), bool)
-        for i, s in enumerate(samples):
-            if s.pixel_values is not None:
-                n, _, h, w = s.pixel_values.shape
-                pv[i, :n, :, :h, :w] = s.pixel_values
-                pam[i, :n, :h, :w] = s.pixel_attention_mask
-        pv, pam = mx.array(pv), mx.array(pam)
+    media = [s.features if s.features is not None
+             else (mx.array(s.pixel_values), mx.array(s.pixel_attention_mask))
+             for s in samples if s.has_media()]
     # computed here, on the host, so the loss gathers its rows without a sync in the graph
     targets = np.flatnonzero(labels[:, 1:] != -100)
     targets = (targets // (L - 1)) * L + targets % (L - 1)
-    return Batch(mx.array(ids), mx.array(labels), pv, pam, [len(s) for s in samples],
+    return Batch(mx.array(ids), mx.array(labels), media, [len(s) for s in samples],
                  mx.array(targets.astype(np.int32)))
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from ..models.language import lm_logits
 from .datasets import Batch, iterate_batches
@@ -31,14 +31,37 @@ def loss_fn(model, batch: Batch):
     Only the positions that predict a target go through the vocabulary projection: with
     image tokens and prompts masked that is a small part of the batch, and the head
     (vocabulary x hidden) is the largest matmul of a small model."""
-    embeds = model.get_input_embeddings(batch.input_ids, batch.pixel_values, batch.pixel_attention_mask)
     text = model.model.text_model
-    h = text(None, None, embeds)
+    h = text(None, None, input_embeddings(model, batch))
     h = h.reshape(-1, h.shape[-1])[batch.targets]
     logits = lm_logits(text, model.get("lm_head"), h).astype(mx.float32)
     labels = batch.labels.reshape(-1)[batch.targets + 1]
     ntoks = mx.array(batch.targets.size)
     return nn.losses.cross_entropy(logits, labels).sum() / ntoks, ntoks
+
+
+def input_embeddings(model, batch: Batch) -> mx.array:
+    """Token embeddings with each row's image features (cached, or encoded now) in place."""
+    embeds = model.model.text_model.embed_tokens(batch.input_ids)
+    if not batch.media:
+        return embeds
+    feats = [m if isinstance(m, mx.array) else model.encode_images(*m) for m in batch.media]
+    feats = mx.concatenate([f.reshape(-1, f.shape[-1]) for f in feats])
+    return model.merge_image_features(batch.input_ids, feats, embeds)
+
+
+def frozen_vision(model) -> bool:
+    """Nothing in the vision tower or connector trains: their output per sample is fixed."""
+    parts = (model.model.vision_model, model.model.connector)
+    return not any(tree_flatten(p.trainable_parameters()) for p in parts)
+
+
+def cache_image_features(model, *datasets):
+    if not frozen_vision(model):
+        return
+    for ds in datasets:
+        if hasattr(ds, "cache_features"):
+            ds.cache_features(model.encode_images)
 
 
 def grad_checkpoint(layers):
@@ -70,11 +93,13 @@ def evaluate(model, dataset, batch_size: int, num_batches: int = -1, pad_id: int
 
 
 def train(model, optimizer, train_set, val_set=None, args: TrainingArgs = TrainingArgs(),
-          save=None, report=print, pad_id: int = 0, start_step: int = 0):
+          save=None, report=print, pad_id: int = 0, start_step: int = 0, stop=None) -> int:
     """Train the model's trainable parameters. `save(step)` writes a checkpoint (every
-    `save_every` steps and at the end); `report(line)` prints progress and eval lines."""
+    `save_every` steps and at the end); `report(line)` prints progress and eval lines;
+    `stop()`, checked between steps, ends the run early. Returns the last step done."""
     if args.grad_checkpoint:
         grad_checkpoint(model.layers)
+    cache_image_features(model, train_set, val_set)
     step_fn = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
     accum = max(1, args.grad_accumulation_steps)
@@ -89,7 +114,7 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs = Traini
         return loss, ntoks, grads
 
     def validate(it):
-        if val_set is None:
+        if val_set is None or args.val_batches == 0:
             return
         model.eval()
         t = time.perf_counter()
@@ -102,6 +127,8 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs = Traini
     model.train()
     losses, tokens, elapsed, grads, n = 0.0, 0, 0.0, None, 0
     for it in range(start_step + 1, args.iters + 1):
+        if stop is not None and stop():
+            return it - 1
         t0 = time.perf_counter()
         for k in range(accum):
             batch = next(batches)
@@ -120,6 +147,7 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs = Traini
             validate(it)
         if save is not None and (it % args.save_every == 0 or it == args.iters):
             save(it)
+    return args.iters
 
 
 def build_schedule(config: dict | None, learning_rate: float):
