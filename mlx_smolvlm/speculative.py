@@ -53,7 +53,7 @@ class PromptLookup:
     def __init__(self, num_draft_tokens: int = 10, ngram_size: int = 3):
         if num_draft_tokens < 1 or ngram_size < 1:
             raise InvalidRequestError(f"prompt lookup needs >= 1 draft tokens and n-gram size, got "
-                             f"{num_draft_tokens} and {ngram_size}")
+                                      f"{num_draft_tokens} and {ngram_size}")
         self.num_draft_tokens, self.ngram_size = num_draft_tokens, ngram_size
 
     def begin(self, processor, prompt, images, controls):
@@ -87,7 +87,7 @@ class DraftModel:
         if self._checked is not processor.tokenizer:
             if processor.tokenizer.vocab != self.processor.tokenizer.vocab:
                 raise InvalidRequestError("the draft model's tokenizer differs from the model's: "
-                                 "a draft must share the vocabulary")
+                                          "a draft must share the vocabulary")
             self._checked = processor.tokenizer
         inputs = self.processor(prompt, images=images, **controls)
         ids = mx.array(inputs["input_ids"][0])
