@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 
 from .errors import InvalidRequestError
-from .generate import prefill
+from .generate import prefill_chunks, run
 from .models.cache import KVCache, make_prompt_cache
 from .sample_utils import categorical, filtered_logits, greedy
 
@@ -98,7 +98,7 @@ class DraftModel:
             embeds = self.model.get_input_embeddings(
                 ids[None], mx.array(inputs["pixel_values"]), None if pam is None else mx.array(pam))
         self.cache = make_prompt_cache(self.model)
-        self.model(**prefill(self.model, ids, embeds, self.cache, 512), cache=self.cache)
+        self.model(**run(prefill_chunks(self.model, ids, embeds, self.cache, 512)), cache=self.cache)
         self.fed: list[int] = []  # answer tokens in the draft's cache after its own prompt
 
     def propose(self, context: list[int], n_prompt: int, k: int, dist) -> tuple[mx.array, mx.array | None]:
@@ -232,7 +232,7 @@ def speculative_steps(prompt: mx.array, model, drafter, cache: list, quantize: C
 
     try:
         ids = prompt[cache[0].offset :]
-        inputs = prefill(model, ids, input_embeddings, cache, prefill_step_size, quantize)
+        inputs = run(prefill_chunks(model, ids, input_embeddings, cache, prefill_step_size, quantize))
         quantize()
         lp = logprobs_of(model(**inputs, cache=cache)[0, -1:], None)
         y = sampler(lp).item()
