@@ -23,8 +23,9 @@ import numpy as np
 
 from .chat_cache import tile_digests
 from .errors import InvalidRequestError
-from .generate import check_length, clip_max_tokens, prefill_chunks
-from .models.cache import BatchKVCache
+from .generate import check_kv_options, check_length, clip_max_tokens, prefill_chunks
+from .models.cache import (QUANTIZED_KV_START, BatchKVCache, BatchQuantizedKVCache, QuantizedKVCache,
+                           maybe_quantize_kv_cache)
 from .prefix_cache import FeatureCache, PrefixCache
 from .sample_utils import make_logits_processors, make_sampler, sample_next
 from .speculative import Gate, PromptLookup
@@ -115,8 +116,14 @@ class BatchEngine:
     """Admits sequences (any thread: `add`, `cancel`) and advances them all (`step`, on one thread)."""
 
     def __init__(self, model, processor, max_batch: int = 16, prefill_step_size: int = 512,
-                 feature_cache_tiles: int = 64, prefix_cache_bytes: int = 1 << 30):
+                 feature_cache_tiles: int = 64, prefix_cache_bytes: int = 1 << 30, kv_bits: int | None = None,
+                 kv_group_size: int = 64, quantized_kv_start: int = QUANTIZED_KV_START):
+        """`kv_bits`, `kv_group_size`, `quantized_kv_start`: generate_step's, for a prompt's
+        prefill; the batch quantizes all its rows once its buffer holds `quantized_kv_start`
+        positions (its longest row), so a shorter row is quantized sooner than it would be alone."""
+        check_kv_options(kv_bits, kv_group_size, None)
         self.model, self.processor = model, processor
+        self.kv_bits, self.kv_group_size, self.quantized_kv_start = kv_bits, kv_group_size, quantized_kv_start
         self.max_batch, self.prefill_step_size = max_batch, prefill_step_size
         self.features = FeatureCache(feature_cache_tiles)
         self.prefixes = PrefixCache(model, prefix_cache_bytes)
@@ -227,6 +234,7 @@ class BatchEngine:
         fed = self.y
         if fed is None:  # every token is out (a drafted step): feed each row's last
             fed, self.info = mx.array([s.generated[-1] for s in self.active]), []
+        self._maybe_quantize()
         logits = self.model(input_ids=fed[:, None], cache=self.cache)[:, -1, :]
         tokens, info = self._sample(self.active, logits, fed if self.y is not None else None)
         mx.async_eval(tokens, [x for x in info if x is not None])
@@ -240,6 +248,7 @@ class BatchEngine:
         tic = time.perf_counter()
         last = [s.generated[-1] for s in self.active]
         x = mx.array([[t] + d + [t] * (K - len(d)) for t, d in zip(last, drafts)])
+        self._maybe_quantize()
         logits = self.model(input_ids=x, cache=self.cache)
         choice = mx.argmax(logits, axis=-1)  # (B, K + 1)
         # Rows that do not draft (sampling, logprobs) take position 0 as a plain step does.
@@ -302,11 +311,23 @@ class BatchEngine:
                 self.prefilling.append((seq, work))  # round robin: the next prompt goes next step
             return
 
+    def _quantized(self, c: BatchKVCache) -> BatchQuantizedKVCache:
+        if isinstance(c, BatchQuantizedKVCache):
+            return c
+        return BatchQuantizedKVCache.from_float(c, self.kv_group_size, self.kv_bits)
+
+    def _maybe_quantize(self):
+        if self.kv_bits is not None and self.cache[0].idx >= self.quantized_kv_start:
+            self.cache = [self._quantized(c) for c in self.cache]
+
     def _join(self, seq: Sequence, layers: list, token: mx.array, info):
-        rows = [BatchKVCache.from_rows([c.state]) for c in layers]
+        rows = [BatchQuantizedKVCache.from_rows([c.state], c.group_size, c.bits) if isinstance(c, QuantizedKVCache)
+                else BatchKVCache.from_rows([c.state]) for c in layers]
         if self.cache is None or not self.active:
             self.cache, self.y, self.info = rows, token, [info]
         else:
+            if isinstance(rows[0], BatchQuantizedKVCache) or isinstance(self.cache[0], BatchQuantizedKVCache):
+                self.cache, rows = [self._quantized(c) for c in self.cache], [self._quantized(r) for r in rows]
             for c, r in zip(self.cache, rows):
                 c.extend(r)
             if self.y is None:  # the others' tokens are all out (a drafted step): this one too
@@ -344,7 +365,11 @@ class BatchEngine:
                 yield
             embeds = model.merge_image_features(arr[None, start:], mx.concatenate(feats))
             mx.eval(embeds)
-        last = yield from prefill_chunks(model, arr[start:], embeds, cache.layers, self.prefill_step_size)
+        def quantize():  # as generate_step does before each forward
+            maybe_quantize_kv_cache(cache.layers, self.kv_bits, self.kv_group_size, self.quantized_kv_start)
+
+        last = yield from prefill_chunks(model, arr[start:], embeds, cache.layers, self.prefill_step_size, quantize)
+        quantize()
         logits = model(**last, cache=cache.layers)[:, -1, :]
         token, info = self._sample([seq], logits, None)
         mx.eval(token, [x for x in info if x is not None], [c.state for c in cache.layers])

@@ -72,6 +72,18 @@ def _checked(kind, ok, what):
     return parse
 
 
+def add_kv_quantization_args(p: argparse.ArgumentParser):
+    """--kv-bits, --kv-group-size, --quantized-kv-start (the CLI's and the server's); returns their group."""
+    kv = p.add_argument_group("KV cache (as in mlx-lm)")
+    kv.add_argument("--kv-bits", type=int, choices=[4, 8], help="store the KV cache group-quantized")
+    kv.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64)
+    kv.add_argument("--quantized-kv-start", type=_checked(int, lambda v: v >= 0, ">= 0"),
+                    default=QUANTIZED_KV_START,
+                    help=f"quantize once the cache holds this many positions (default {QUANTIZED_KV_START}: "
+                    "short prompts keep the float answer, videos still get the saving; 0: from the start)")
+    return kv
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlx_smolvlm.generate", description="Describe images, answer and chat with SmolVLM in MLX."
@@ -108,13 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="square video frame side in pixels; smaller means fewer tokens per frame "
                    "(256M/500M: 512 or a multiple of 64 below; 2.2B: 384 or a multiple of 42 below; "
                    "default: the model's)")
-    kv = p.add_argument_group("KV cache (as in mlx-lm)")
-    kv.add_argument("--kv-bits", type=int, choices=[4, 8], help="store the KV cache group-quantized")
-    kv.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64)
-    kv.add_argument("--quantized-kv-start", type=_checked(int, lambda v: v >= 0, ">= 0"),
-                    default=QUANTIZED_KV_START,
-                    help=f"quantize once the cache holds this many positions (default {QUANTIZED_KV_START}: "
-                    "short prompts keep the float answer, videos still get the saving; 0: from the start)")
+    kv = add_kv_quantization_args(p)
     kv.add_argument("--max-kv-size", type=_checked(int, lambda v: v > 4, "> 4"),
                     help="cap the cache at this many positions (rotating: the first 4 and the most recent)")
     spec = p.add_argument_group("speculative decoding (greedy output unchanged)")

@@ -30,6 +30,7 @@ from starlette.requests import ClientDisconnect
 
 from .admission import Admission, Busy, release_heap
 from .batch import BatchEngine, Event
+from .cli import add_kv_quantization_args
 from .generate import text_config
 from .openai_request import USER_FAULTS, ChatRequest, Limits, RequestError, parse_chat
 from .tenancy import Tenants, partition, read_keys
@@ -370,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-alive-timeout", type=int, default=5)
     p.add_argument("--max-connections", type=int, default=512,
                    help="open connections; past it the oldest idle one is closed")
+    add_kv_quantization_args(p)  # a rotating cache (--max-kv-size) has no batch kind
     p.add_argument("--enable-docs", action="store_true", help="serve /docs and /openapi.json")
     p.add_argument("--log-level", default="info")
     return p
@@ -396,7 +398,8 @@ def main(argv=None):
     engine = BatchEngine(model, processor, max_batch=args.max_batch,
                          prefill_step_size=args.prefill_step_size,
                          feature_cache_tiles=args.feature_cache_tiles,
-                         prefix_cache_bytes=args.prefix_cache_bytes)
+                         prefix_cache_bytes=args.prefix_cache_bytes, kv_bits=args.kv_bits,
+                         kv_group_size=args.kv_group_size, quantized_kv_start=args.quantized_kv_start)
     domains = tuple(h.lower().rstrip(".") for h in args.allowed_media_domains) if args.allowed_media_domains else None
     limits = Limits(
         max_request_bytes=args.max_request_bytes, max_images=args.max_images,

@@ -11,6 +11,8 @@ def quantized_attention(q, keys, values, scale: float, mask, group_size: int, bi
     if Hq != Hkv:  # query heads grouped per KV head: (B, Hkv, Hq/Hkv, L, D)
         q = q.reshape(B, Hkv, Hq // Hkv, L, D)
         keys, values = ([x[:, :, None] for x in t] for t in (keys, values))
+        if isinstance(mask, mx.array) and mask.ndim == 4:  # a batch's (B, 1, L, S) mask
+            mask = mask[:, :, None]
     scores = mx.quantized_matmul(q, *keys, transpose=True, group_size=group_size, bits=bits)
     if isinstance(mask, str):  # "causal": the L queries are the last L positions
         S = scores.shape[-1]

@@ -294,8 +294,24 @@ class RotatingKVCache(_BaseCache):
         return (q >= k) & ((k < self.keep) | (q < k + self.max_size - self.keep))
 
 
-def _pad_left(x: mx.array, n: int) -> mx.array:
-    return mx.pad(x, [(0, 0), (0, 0), (n, 0), (0, 0)]) if n else x
+def _each(f, x):
+    # A float cache's keys are one array, a quantized one's a (packed, scales, biases) triple:
+    # the batch cache moves, pads and gathers positions of either the same way.
+    return tuple(f(a) for a in x) if isinstance(x, tuple) else f(x)
+
+
+def _pad_left(x, n: int):
+    return _each(lambda a: mx.pad(a, [(0, 0), (0, 0), (n, 0), (0, 0)]), x) if n else x
+
+
+def _cat(parts: list, axis: int):
+    if isinstance(parts[0], tuple):
+        return tuple(mx.concatenate(list(p), axis=axis) for p in zip(*parts))
+    return mx.concatenate(parts, axis=axis)
+
+
+def _width(x) -> int:
+    return (x[0] if isinstance(x, tuple) else x).shape[2]
 
 
 class BatchKVCache(_BaseCache):
@@ -309,10 +325,10 @@ class BatchKVCache(_BaseCache):
 
     step = 256
 
-    def __init__(self, keys: mx.array, values: mx.array, left: list[int]):
-        self.keys, self.values = keys, values  # (B, H, capacity, D)
+    def __init__(self, keys, values, left: list[int]):
+        self.keys, self.values = keys, values  # (B, H, capacity, D), or such triples (quantized)
         self.left = list(left)
-        self.idx = keys.shape[2]  # buffer position of the next token, the same for every row
+        self.idx = _width(keys)  # buffer position of the next token, the same for every row
         self._sync()
 
     def _sync(self):
@@ -320,13 +336,13 @@ class BatchKVCache(_BaseCache):
         self.offset = self.idx - self._left  # each row's own position (its RoPE offset)
 
     @classmethod
-    def from_rows(cls, rows: list) -> "BatchKVCache":
-        """Rows of (keys, values) (a single-sequence float cache's `state`), each
+    def from_rows(cls, rows: list, *meta) -> "BatchKVCache":
+        """Rows of (keys, values) (a single-sequence cache's `state` of this kind), each
         (1, H, L_i, D), right-aligned to the longest."""
-        T = max(k.shape[2] for k, _ in rows)
-        keys = mx.concatenate([_pad_left(k, T - k.shape[2]) for k, _ in rows])
-        values = mx.concatenate([_pad_left(v, T - v.shape[2]) for _, v in rows])
-        return cls(keys, values, [T - k.shape[2] for k, _ in rows])
+        T = max(_width(k) for k, _ in rows)
+        keys = _cat([_pad_left(k, T - _width(k)) for k, _ in rows], 0)
+        values = _cat([_pad_left(v, T - _width(v)) for _, v in rows], 0)
+        return cls(keys, values, [T - _width(k) for k, _ in rows], *meta)
 
     @classmethod
     def from_state(cls, state, meta_state: tuple = ()):
@@ -336,14 +352,17 @@ class BatchKVCache(_BaseCache):
     def size(self) -> int:
         return len(self.left)
 
+    def _upto(self, x):
+        return _each(lambda a: a[..., : self.idx, :], x)
+
     @property
     def state(self):
-        return [self.keys[..., : self.idx, :], self.values[..., : self.idx, :]]
+        return [self._upto(self.keys), self._upto(self.values)]
 
     @state.setter
     def state(self, v):
         self.keys, self.values = v
-        self.idx = self.keys.shape[2]
+        self.idx = _width(self.keys)
         self._sync()
 
     @property
@@ -366,8 +385,8 @@ class BatchKVCache(_BaseCache):
         T = max(self.idx, other.idx)
         a, b = T - self.idx, T - other.idx
         (k1, v1), (k2, v2) = self.state, other.state
-        self.keys = mx.concatenate([_pad_left(k1, a), _pad_left(k2, b)])
-        self.values = mx.concatenate([_pad_left(v1, a), _pad_left(v2, b)])
+        self.keys = _cat([_pad_left(k1, a), _pad_left(k2, b)], 0)
+        self.values = _cat([_pad_left(v1, a), _pad_left(v2, b)], 0)
         self.left = [l + a for l in self.left] + [l + b for l in other.left]
         self.idx = T
         self._sync()
@@ -376,8 +395,8 @@ class BatchKVCache(_BaseCache):
         """Keep only rows `keep`, and drop the columns that are padding in every row left."""
         cut = min(self.left[i] for i in keep)
         rows = mx.array(keep)
-        self.keys = self.keys[rows, :, cut : self.idx]
-        self.values = self.values[rows, :, cut : self.idx]
+        self.keys = _each(lambda a: a[rows, :, cut : self.idx], self.keys)
+        self.values = _each(lambda a: a[rows, :, cut : self.idx], self.values)
         self.left = [self.left[i] - cut for i in keep]
         self.idx -= cut
         self._sync()
@@ -389,8 +408,8 @@ class BatchKVCache(_BaseCache):
         if not any(n):
             return
         src = mx.maximum(mx.arange(self.idx)[None] - mx.array(n)[:, None], 0)[:, None, :, None]
-        self.keys = mx.take_along_axis(self.keys[..., : self.idx, :], src, axis=2)
-        self.values = mx.take_along_axis(self.values[..., : self.idx, :], src, axis=2)
+        self.keys = _each(lambda a: mx.take_along_axis(a, src, axis=2), self._upto(self.keys))
+        self.values = _each(lambda a: mx.take_along_axis(a, src, axis=2), self._upto(self.values))
         self.left = [l + k for l, k in zip(self.left, n)]
         self.filter(list(range(self.size)))  # drops the columns now padding in every row
 
@@ -400,21 +419,55 @@ class BatchKVCache(_BaseCache):
         causal = cols[None, :] <= mx.arange(self.idx, self.idx + L)[:, None]
         return (causal[None] & (cols >= self._left[:, None, None]))[:, None]
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array):
-        prev, n = self.idx, keys.shape[2]
-        if prev + n > self.keys.shape[2]:
-            B, H, _, D = self.keys.shape
+    def update_and_fetch(self, keys, values):
+        prev, n = self.idx, _width(keys)
+        if prev + n > _width(self.keys):
             grow = ((n + self.step - 1) // self.step) * self.step
-            self.keys = mx.concatenate([self.keys[..., :prev, :], mx.zeros((B, H, grow, D), keys.dtype)], 2)
-            Dv = self.values.shape[3]
-            self.values = mx.concatenate(
-                [self.values[..., :prev, :], mx.zeros((B, H, grow, Dv), values.dtype)], 2
-            )
-        self.keys[..., prev : prev + n, :] = keys
-        self.values[..., prev : prev + n, :] = values
+
+            def grown(a):
+                return mx.concatenate([a[..., :prev, :], mx.zeros((*a.shape[:2], grow, a.shape[3]), a.dtype)], 2)
+
+            self.keys, self.values = _each(grown, self.keys), _each(grown, self.values)
+        for b, x in zip(_leaves([self.keys, self.values]), _leaves([keys, values])):
+            b[..., prev : prev + n, :] = x
         self.idx += n
         self.offset = self.offset + n
-        return self.keys[..., : self.idx, :], self.values[..., : self.idx, :]
+        return self.state
+
+
+def _quantize(x: mx.array, group_size: int, bits: int) -> tuple:
+    return tuple(mx.quantize(x, group_size=group_size, bits=bits))
+
+
+class BatchQuantizedKVCache(BatchKVCache):
+    """BatchKVCache with keys and values stored as QuantizedKVCache stores them (group-quantized
+    triples); attention reads them as it reads a QuantizedKVCache's (models/base.py)."""
+
+    def __init__(self, keys, values, left: list[int], group_size: int = 64, bits: int = 8):
+        self.group_size, self.bits = group_size, bits
+        super().__init__(keys, values, left)
+
+    @classmethod
+    def from_float(cls, c: BatchKVCache, group_size: int, bits: int) -> "BatchQuantizedKVCache":
+        k, v = c.state
+        return cls(_quantize(k, group_size, bits), _quantize(v, group_size, bits), c.left, group_size, bits)
+
+    @classmethod
+    def from_state(cls, state, meta_state: tuple = ()):
+        return cls(*state, [int(x) for x in meta_state[2:]], *map(int, meta_state[:2]))
+
+    @property
+    def meta_state(self) -> tuple:
+        return (str(self.group_size), str(self.bits), *map(str, self.left))
+
+    @meta_state.setter
+    def meta_state(self, v: tuple):
+        self.group_size, self.bits = map(int, v[:2])
+        BatchKVCache.meta_state.fset(self, v[2:])
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        g, b = self.group_size, self.bits
+        return super().update_and_fetch(_quantize(keys, g, b), _quantize(values, g, b))
 
 
 def make_prompt_cache(model, max_kv_size: int | None = None) -> list:
