@@ -20,10 +20,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .errors import SmolVLMError
+from .errors import InvalidRequestError, SmolVLMError
 from .generate import load
 from .tuner.adapters import load_adapters, save_adapters
-from .tuner.datasets import load_split
+from .tuner.datasets import DatasetError, load_split
 from .tuner.layers import TEXT_KEYS, linear_to_lora_layers
 from .tuner.trainer import TrainingArgs, build_schedule, evaluate, train
 
@@ -102,12 +102,12 @@ def settings(args) -> dict:
         try:
             cfg = yaml.safe_load(Path(args.config).read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"--config {args.config}: {e}".splitlines()[0]) from None
+            raise InvalidRequestError(f"--config {args.config}: {e}".splitlines()[0]) from None
         if not isinstance(cfg, dict):
-            raise ValueError(f"--config {args.config}: expected a mapping of settings")
+            raise InvalidRequestError(f"--config {args.config}: expected a mapping of settings")
         unknown = set(cfg) - set(DEFAULTS)
         if unknown:
-            raise ValueError(f"--config {args.config}: unknown keys {', '.join(sorted(unknown))}")
+            raise InvalidRequestError(f"--config {args.config}: unknown keys {', '.join(sorted(unknown))}")
     out = {**DEFAULTS, **cfg}
     lora = {**DEFAULTS["lora_parameters"], **(cfg.get("lora_parameters") or {})}
     for k, v in vars(args).items():
@@ -145,7 +145,7 @@ def setup_model(model, s: dict) -> dict:
         if s["train_connector"]:
             model.model.connector.unfreeze()
     else:
-        raise ValueError(f"unknown fine_tune_type {s['fine_tune_type']!r}")
+        raise InvalidRequestError(f"unknown fine_tune_type {s['fine_tune_type']!r}")
     return {
         "fine_tune_type": s["fine_tune_type"],
         "num_layers": s["num_layers"],
@@ -166,17 +166,17 @@ def make_optimizer(s: dict):
         return optim.Adam(lr, **{"bias_correction": True, **kw})
     if name == "sgd":
         return optim.SGD(lr, **kw)
-    raise ValueError(f"unknown optimizer {name!r} (adamw, adam, sgd)")
+    raise InvalidRequestError(f"unknown optimizer {name!r} (adamw, adam, sgd)")
 
 
 def run(s: dict, report=print):
     if not s["model"]:
-        raise ValueError("--model is required")
+        raise InvalidRequestError("--model is required")
     mx.random.seed(s["seed"])
     np.random.seed(s["seed"])
     model, processor = load(s["model"])
     if not hasattr(model, "model") or not hasattr(model.model, "text_model"):
-        raise ValueError(f"{s['model']}: fine-tuning needs a SmolVLM checkpoint folder")
+        raise InvalidRequestError(f"{s['model']}: fine-tuning needs a SmolVLM checkpoint folder")
     adapter_path = Path(s["adapter_path"])
     if s["train"]:
         adapter_config = setup_model(model, s)
@@ -198,7 +198,7 @@ def run(s: dict, report=print):
     if s["train"]:
         train_set, val_set = data("train"), data("valid")
         if not train_set:
-            raise ValueError(f"{s['data']}: no training samples")
+            raise DatasetError(f"{s['data']}: no training samples")
         for name, ds in (("train", train_set), ("valid", val_set)):
             if ds is not None and ds.dropped:
                 report(f"{name}: dropped {ds.dropped} sample(s) longer than --max-seq-length "
@@ -219,7 +219,7 @@ def run(s: dict, report=print):
     if s["test"]:
         test_set = data("test")
         if not test_set:
-            raise ValueError(f"{s['data']}: no test split")
+            raise DatasetError(f"{s['data']}: no test split")
         model.eval()
         loss = evaluate(model, test_set, s["batch_size"], s["test_batches"], pad_id)
         report(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 50)):.3f}.")

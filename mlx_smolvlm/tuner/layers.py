@@ -10,6 +10,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from ..errors import InvalidRequestError
+
 # transformers' names, so a PEFT `target_modules` list means the same layers here.
 TEXT_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -163,7 +165,7 @@ def linear_to_lora_layers(model, num_layers: int, config: dict, use_dora: bool =
     for path in paths:
         linear = modules.get(path)
         if not isinstance(linear, (nn.Linear, nn.QuantizedLinear)):
-            raise ValueError(f"cannot adapt {path}: no Linear layer at that path")
+            raise InvalidRequestError(f"cannot adapt {path}: no Linear layer at that path")
         layer = cls.from_base(linear, r=config["rank"], scale=lora_scale(config),
                               dropout=config.get("dropout", 0.0))
         updates.append((path, layer))

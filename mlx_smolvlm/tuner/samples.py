@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from ..errors import InvalidRequestError, TokenizerError
 from ..processing import VIDEO_TOKEN, message_images
 from ..video import CHAT_TEMPLATE as VIDEO_CHAT_TEMPLATE
 
@@ -42,9 +43,9 @@ def assistant_spans(processor, messages, **kw) -> list[tuple[int, int]]:
         prompt = processor.apply_chat_template(messages[:i], add_generation_prompt=True, **kw)
         upto = processor.apply_chat_template(messages[: i + 1], add_generation_prompt=False, **kw)
         if not (upto.startswith(prompt) and full.startswith(upto)):
-            raise ValueError("the chat template does not render this conversation turn by turn "
-                             "(a turn changes the text before it), so the assistant tokens "
-                             "cannot be located")
+            raise InvalidRequestError("the chat template does not render this conversation turn by turn "
+                                      "(a turn changes the text before it), so the assistant tokens "
+                                      "cannot be located")
         spans.append((len(prompt), len(upto.rstrip())))
     return spans
 
@@ -61,7 +62,7 @@ def _expanded_spans(spans, rendered_pieces, pieces):
     for a, b in spans:
         inside = [s for lo, hi, s in bounds if lo <= a and b <= hi]
         if not inside:
-            raise ValueError("an assistant turn holds an image or video: only their text is learned")
+            raise InvalidRequestError("an assistant turn holds an image or video: only their text is learned")
         out.append((a + inside[0], b + inside[0]))
     return out
 
@@ -81,7 +82,7 @@ def encode(processor, messages, **controls) -> Sample:
     enc = processor.tokenizer.backend.encode("".join(pieces), add_special_tokens=False)
     ids = np.array(enc.ids, dtype=np.int32)
     if not np.array_equal(ids, out["input_ids"][0]):
-        raise ValueError("tokenizer offsets disagree with the processor's tokens")
+        raise TokenizerError("tokenizer offsets disagree with the processor's tokens")
     starts = np.array([o[0] for o in enc.offsets])
     mask = np.zeros(len(ids), bool)
     for a, b in spans:
