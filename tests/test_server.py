@@ -346,3 +346,22 @@ def test_prompt_lookup_per_request(client, solo, sample_images):
     assert drafted > 0
     with pytest.raises(openai.BadRequestError, match="prompt_lookup_tokens"):
         client.chat.completions.create(model="m", messages=ask("x"), extra_body={"prompt_lookup_tokens": -1})
+
+
+def test_quantized_kv_server_answers_as_quantized_solo(tiny_idefics3, tmp_path_factory):
+    # --kv-bits 8 from the first position: the answer and its log-probs are those of the Python
+    # API with the same kv_bits (the quantized batch cache, tests/test_batch.py: within 1e-3).
+    kv = dict(kv_bits=8, kv_group_size=32, quantized_kv_start=0)
+    flags = ["--kv-bits", "8", "--kv-group-size", "32", "--quantized-kv-start", "0"]
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    model, processor = load(tiny_idefics3)
+    rs = list(stream_generate(model, processor, to_processor(messages), max_tokens=MAX_TOKENS, **kv))
+    assert decided_steps([r.logprobs for r in rs], 1e-3) == len(rs), "a near-tie: the answer may differ"
+    with serve(tiny_idefics3, tmp_path_factory.mktemp("log") / "server.log", *flags) as url:
+        r = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120).chat.completions.create(
+            model="m", messages=messages, max_tokens=MAX_TOKENS, logprobs=True)
+    assert r.choices[0].message.content == "".join(x.text for x in rs)
+    ours = [t.logprob for t in r.choices[0].logprobs.content]
+    diff = max(abs(a - x.logprobs[x.token].item()) for a, x in zip(ours, rs))
+    print(f"server --kv-bits 8 vs Python API: max chosen-token log-prob diff {diff:.3g}")
+    assert len(ours) == len(rs) and diff <= 1e-3
