@@ -48,7 +48,7 @@ def plot(losses: list, path: Path):
 
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(range(1, len(losses) + 1), losses)
-    ax.set(xlabel="step", ylabel="train loss (answer tokens)", yscale="log", title="LoRA on three cards")
+    ax.set(xlabel="step", ylabel="train loss (answer tokens)", title="LoRA on three cards")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
