@@ -185,7 +185,14 @@ def main():
 
     model = a.work / f"smolvlm-256m-real-decoder-v{a.vision_layers}"
     if not (model / "config.json").is_file():
+        import mlx.core as mx
+
+        from mlx_smolvlm.fuse import torch_layout
+
         write_real_decoder_vlm(model, vision_layers=a.vision_layers, tile=512, tied=False)
+        # transformers reads only PyTorch's conv layout (ours and mlx-vlm read both)
+        f = str(model / "model.safetensors")
+        mx.save_safetensors(f, torch_layout(mx.load(f)))
     # No valid split: neither trainer spends the run evaluating.
     data = write_cards(a.work / "cards")
     (data / "valid.jsonl").unlink()
