@@ -27,6 +27,20 @@ def explicit_config(raw: dict, config: ModelConfig) -> dict:
     return out
 
 
+def untie_head(weights: dict, config: dict, quantization: dict | None):
+    """Write a tied head out as its own `lm_head`, equal to the embedding (quantized alike), and
+    mark the folder untied, in place. mlx-vlm's decoder always has an lm_head (0.7.10 refuses a
+    folder without: "Missing 1 parameters: language_model.lm_head.weight"); mlx-swift-lm builds
+    one only when `tie_word_embeddings` is false and would refuse the key otherwise. Every
+    reader (and ours) then computes the tied model's logits, for one more vocab x hidden table."""
+    embed = "model.text_model.embed_tokens"
+    for k in [k for k in weights if k.startswith(embed + ".")]:
+        weights["lm_head" + k[len(embed) :]] = weights[k]
+    if quantization is not None:
+        quantization["lm_head"] = quantization.get(embed, False)
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = False
+
+
 def with_reader_paths(quantization: dict) -> dict:
     """Add each quantized layer's entry under the readers' module path as well."""
     out = dict(quantization)

@@ -10,7 +10,7 @@ from mlx_smolvlm.errors import ConvertError
 from mlx_smolvlm.loading import get_model_path, load_config, load_model
 
 from .card import model_card
-from .compat import explicit_config, with_reader_paths
+from .compat import explicit_config, untie_head, with_reader_paths
 from .quality import agreement, all_logits, image_prompt, text_ids
 from .recipes import check_args, quantize_model, summarize
 from .save import MAX_SHARD_BYTES, copy_assets, folder_bytes, save_weights, staged_folder, write_json
@@ -89,10 +89,13 @@ def convert(
     if quantize:
         _log(f"quantizing: recipe {recipe}, {bits} bits, group size {group_size}")
         quantization = quantize_model(model, bits, group_size, recipe)
-        layers = summarize(quantization)
-        config["quantization"] = with_reader_paths(quantization)
 
     weights = dict(tree_flatten(model.parameters()))
+    if model.config.tie_word_embeddings and "text_config" in config:
+        untie_head(weights, config, quantization)
+    if quantize:
+        layers = summarize(quantization)
+        config["quantization"] = with_reader_paths(quantization)
     float_dtype = next(v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating))
     del model  # quality is measured on the written folder; free this copy first
     with staged_folder(out, overwrite) as tmp:

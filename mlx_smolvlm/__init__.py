@@ -2,7 +2,12 @@
 
 from . import blas
 
-blas.preload()  # before anything imports mlx.core: see blas.py
+try:
+    blas.preload()  # before anything imports mlx.core: see blas.py
+except blas.SettingError as e:
+    if blas.started_as_cli():  # a user's typo in the environment: one line, not a traceback
+        raise SystemExit(f"error: {e}") from None
+    raise
 
 try:
     import mlx.core  # noqa: F401

@@ -6,9 +6,11 @@ undefined, and Python loads extensions with RTLD_NOW, so they bind once, when `m
 first imported, to the first definition in the process's global scope. A BLAS loaded with
 RTLD_GLOBAL before that import is found first and wins, and the bundled one goes unused.
 
-`MLX_SMOLVLM_BLAS`: unset or empty searches the paths below; `0`/`off` keeps MLX's own; a path
-loads that library (an error if it cannot, rather than a silent fallback).
-`MLX_SMOLVLM_BLAS_THREADS`: OpenBLAS threads (default: the available cores but one).
+`MLX_SMOLVLM_BLAS`: unset, empty, `1`/`on`/`true` search the paths below; `0`/`off`/`false`
+keep MLX's own; anything else is the path of a BLAS to load, and a `SettingError` (one line) if
+it is not one, rather than a silent fallback.
+`MLX_SMOLVLM_BLAS_THREADS`: OpenBLAS threads (default: the available cores, but one fewer when
+the load average at import is at least half of them).
 """
 
 import ctypes
@@ -16,7 +18,15 @@ import os
 import sys
 import warnings
 
+from .errors import SmolVLMError
+
 ENV, THREADS_ENV = "MLX_SMOLVLM_BLAS", "MLX_SMOLVLM_BLAS_THREADS"
+ON, OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
+ACCEPTS = f"{ENV} accepts 1/on/true (the system OpenBLAS), 0/off/false (MLX's bundled BLAS) or a BLAS library's path"
+
+
+class SettingError(SmolVLMError):
+    """MLX_SMOLVLM_BLAS names no loadable BLAS."""
 
 # libopenblas.so.0 defines every BLAS and LAPACK symbol libmlx.so imports; Debian's
 # openblas-pthread/libblas.so.3 lacks the LAPACK ones. The pthread build: the OpenMP one would
@@ -33,10 +43,16 @@ state = {"library": None, "reason": "not on Linux", "threads": None, "core": Non
 
 
 def _threads() -> int:
-    # One core fewer than this process may use: OpenBLAS's threads spin while waiting, and on a
-    # busy 2-core machine 2 threads ran a 1024x768x3072 matmul at 8-20 GFLOP/s, 1 at 23-37.
+    # Every core on an idle machine, one fewer on a busy one: OpenBLAS's threads spin while
+    # waiting, and on a 2-core machine (bench/bench_peers.py --quick, float32) 2 threads beat 1
+    # when quiet (vision 3.67 vs 4.32 s, decode 16.2 vs 10.3 tok/s) but lost by far at load
+    # average 11 (vision 43.4 vs 6.1 s, prefill 6.2 vs 0.56 s, decode 7.1 vs 9.5 tok/s).
     n = os.environ.get(THREADS_ENV)
-    return int(n) if n else max(1, len(os.sched_getaffinity(0)) - 1)
+    if n:
+        return int(n)
+    cores = len(os.sched_getaffinity(0))
+    busy = os.getloadavg()[0] >= cores / 2
+    return max(1, cores - 1) if busy else cores
 
 
 def preload():
@@ -44,9 +60,11 @@ def preload():
     choice = os.environ.get(ENV, "").strip()
     if not sys.platform.startswith("linux"):
         return
-    if choice.lower() in ("0", "off", "false", "no"):
+    if choice.lower() in OFF:
         state["reason"] = f"{ENV}={choice}"
         return
+    if choice.lower() in ON:
+        choice = ""
     if "mlx.core" in sys.modules:
         state["reason"] = "mlx.core was imported before mlx_smolvlm"
         if os.path.exists(choice or CANDIDATES[0]):
@@ -60,7 +78,12 @@ def preload():
     if not paths:
         state["reason"] = "no system OpenBLAS found (apt-get install libopenblas0-pthread)"
         return
-    lib = ctypes.CDLL(paths[0], mode=ctypes.RTLD_GLOBAL)  # raises for a bad explicit path
+    try:
+        lib = ctypes.CDLL(paths[0], mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        raise SettingError(f"{ENV}={choice!r}: cannot load it ({e}); {ACCEPTS}") from None
+    if not hasattr(lib, "cblas_sgemm"):
+        raise SettingError(f"{ENV}={choice!r}: {paths[0]} has no cblas_sgemm, so it is not a BLAS; {ACCEPTS}")
     # OpenBLAS spins its threads between calls; more threads than cores only steal time.
     if hasattr(lib, "openblas_set_num_threads"):
         state["threads"] = _threads()
@@ -76,3 +99,11 @@ def describe() -> str:
     if state["library"] is None:
         return f"BLAS: MLX's bundled reference BLAS ({state['reason']})"
     return f"BLAS: {state['library']} ({state['core']} kernels, {state['threads']} threads)"
+
+
+def started_as_cli() -> bool:
+    """Whether this process is one of our command lines, which import the package (and so run
+    `preload`) before their `main` can catch anything: `python -m mlx_smolvlm.X` (argv[0] is
+    "-m" while runpy imports the parent package) or an `mlx-smolvlm*` console script."""
+    arg0 = sys.argv[0] if sys.argv else ""
+    return arg0 == "-m" or os.path.basename(arg0).startswith("mlx-smolvlm")

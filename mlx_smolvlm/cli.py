@@ -15,10 +15,11 @@ from .chat_cache import ChatCache
 from .errors import InvalidRequestError, SmolVLMError
 from .generate import format_stats, load, stream_generate
 from .loading import get_model_path
-from .models.cache import KVCache
+from .models.cache import QUANTIZED_KV_START, KVCache
 from .models.smolvlm import Model
 from .processing import load_processor, text_processor
 from .sample_utils import make_logits_processors, make_sampler
+from .speculative import DraftModel, PromptLookup
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
@@ -110,11 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     kv = p.add_argument_group("KV cache (as in mlx-lm)")
     kv.add_argument("--kv-bits", type=int, choices=[4, 8], help="store the KV cache group-quantized")
     kv.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64)
-    kv.add_argument("--quantized-kv-start", type=_checked(int, lambda v: v >= 0, ">= 0"), default=0,
-                    help="quantize once the cache holds this many positions (default 0: from the start, "
-                    "so long image and video prompts never hold a float cache)")
+    kv.add_argument("--quantized-kv-start", type=_checked(int, lambda v: v >= 0, ">= 0"),
+                    default=QUANTIZED_KV_START,
+                    help=f"quantize once the cache holds this many positions (default {QUANTIZED_KV_START}: "
+                    "short prompts keep the float answer, videos still get the saving; 0: from the start)")
     kv.add_argument("--max-kv-size", type=_checked(int, lambda v: v > 4, "> 4"),
                     help="cap the cache at this many positions (rotating: the first 4 and the most recent)")
+    spec = p.add_argument_group("speculative decoding (greedy output unchanged)")
+    drafts = spec.add_mutually_exclusive_group()
+    drafts.add_argument("--prompt-lookup-tokens", type=at_least_1, metavar="N",
+                        help="draft N tokens by n-gram lookup in the prompt and the answer")
+    drafts.add_argument("--draft-model", metavar="PATH",
+                        help="a smaller model with the same tokenizer drafting tokens (e.g. SmolVLM2-256M)")
+    spec.add_argument("--ngram-size", type=at_least_1, default=3,
+                      help="longest n-gram prompt lookup matches (default 3; shorter ones are tried next)")
+    spec.add_argument("--num-draft-tokens", type=at_least_1, default=3, help="tokens the draft model proposes")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="compute dtype of the float weights (auto: float32 on a CPU with a fast BLAS, "
@@ -182,14 +193,14 @@ def dry_run(args, controls) -> str:
     return "\n".join(lines)
 
 
-def stream_to_stdout(model, processor, messages, args, controls, prompt_cache=None):
+def stream_to_stdout(model, processor, messages, args, controls, prompt_cache=None, draft=None):
     text, r = "", None
     for r in stream_generate(
         model,
         processor,
         messages,
         max_tokens=args.max_tokens,
-        sampler=make_sampler(args.temp, args.top_p, args.top_k, args.min_p),
+        sampler=make_sampler(args.temp, args.top_p, args.top_k, args.min_p, args.seed),
         logits_processors=make_logits_processors(args.repetition_penalty, args.repetition_context_size),
         stop=args.stop,
         prompt_cache=prompt_cache,
@@ -198,6 +209,7 @@ def stream_to_stdout(model, processor, messages, args, controls, prompt_cache=No
         quantized_kv_start=args.quantized_kv_start,
         max_kv_size=args.max_kv_size,
         skip_special_tokens=not args.keep_special_tokens,
+        draft=draft,
         **controls,
     ):
         print(r.text, end="", flush=True)
@@ -208,7 +220,7 @@ def stream_to_stdout(model, processor, messages, args, controls, prompt_cache=No
     return text
 
 
-def chat(model, processor, messages, args, controls):
+def chat(model, processor, messages, args, controls, draft=None):
     cache = ChatCache(model, args.max_kv_size)
     prompt, images, videos = args.prompt, args.image, args.video
     print("Chat: type a message; Ctrl-D or an empty line ends.", file=sys.stderr)
@@ -222,7 +234,7 @@ def chat(model, processor, messages, args, controls):
             if not prompt.strip():
                 return
         messages.append(message(processor, "user", prompt, images, videos))
-        reply = stream_to_stdout(model, processor, messages, args, controls, cache)
+        reply = stream_to_stdout(model, processor, messages, args, controls, cache, draft)
         messages.append(processor.reply_message(reply))
         prompt, images, videos = None, (), ()
 
@@ -240,8 +252,6 @@ def main(argv=None):
         if not args.image and not args.video:
             parser.error("--prompt is required without --image or --video")
         args.prompt = "Describe this video." if args.video else "Describe this image."
-    if args.seed is not None:
-        mx.random.seed(args.seed)
     controls = {"do_image_splitting": False} if args.no_split else {}
     if args.max_tiles:
         controls["max_tiles"] = args.max_tiles
@@ -256,11 +266,16 @@ def main(argv=None):
         if args.verbose:
             print(f"dtype: {why}\n{blas.describe()}", file=sys.stderr)
         model, processor = load(args.model, dtype=dtype, adapter_path=args.adapter_path)
+        draft = None
+        if args.prompt_lookup_tokens:
+            draft = PromptLookup(args.prompt_lookup_tokens, args.ngram_size)
+        elif args.draft_model:
+            draft = DraftModel(*load(args.draft_model, dtype=dtype), args.num_draft_tokens)
         if args.chat:
             system = [message(processor, "system", args.system)] if args.system else []
-            chat(model, processor, system, args, controls)
+            chat(model, processor, system, args, controls, draft)
         else:
-            stream_to_stdout(model, processor, first_messages(processor, args), args, controls)
+            stream_to_stdout(model, processor, first_messages(processor, args), args, controls, draft=draft)
         return 0
     except KeyboardInterrupt:
         # The partial answer is already on stdout; end its line and leave quietly.

@@ -5,7 +5,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Generator, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -14,9 +14,9 @@ from .chat_cache import ChatCache, n_tiles, tile_digests
 from .errors import InvalidRequestError
 from .gguf import load_gguf
 from .loading import get_model_path, load_model
-from .models.cache import make_prompt_cache, maybe_quantize_kv_cache
+from .models.cache import QUANTIZED_KV_START, make_prompt_cache, maybe_quantize_kv_cache
 from .processing import load_processor, text_processor
-from .sample_utils import make_sampler
+from .sample_utils import make_sampler, sample_next
 from .text_stream import TextStream
 from .tokenizer import Tokenizer
 
@@ -59,8 +59,10 @@ def generate_step(
     prefill_step_size: int = 512,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
-    quantized_kv_start: int = 0,
+    quantized_kv_start: int = QUANTIZED_KV_START,
     max_kv_size: int | None = None,
+    drafter=None,
+    stats=None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs) pairs, computing each next token while the current one is read.
 
@@ -69,6 +71,8 @@ def generate_step(
     `input_embeddings` (1, L, D), if given, are those of the uncached ids (images merged).
     `kv_bits` (4 or 8) stores the KV cache group-quantized once it holds `quantized_kv_start`
     positions; `max_kv_size` caps a new cache at that many positions (mlx-lm's options).
+    `drafter` (speculative.py, after its `begin`) decodes speculatively: greedy tokens are the
+    same, several per forward; `stats` (speculative.SpeculativeStats) counts the drafts.
     """
     check_kv_options(kv_bits, kv_group_size, max_kv_size)
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size)
@@ -79,17 +83,24 @@ def generate_step(
     def quantize():
         maybe_quantize_kv_cache(cache, kv_bits, kv_group_size, quantized_kv_start)
 
+    if drafter is not None:
+        # Imported here: speculative.py builds on this module's prefill.
+        from .speculative import SpeculativeStats, speculative_steps
+
+        yield from speculative_steps(
+            prompt, model, drafter, cache, quantize, input_embeddings=input_embeddings, max_tokens=max_tokens,
+            sampler=sampler, logits_processors=logits_processors, prefill_step_size=prefill_step_size,
+            kv_bits=kv_bits, quantized_kv_start=quantized_kv_start,
+            stats=stats if stats is not None else SpeculativeStats())
+        return
+
     def step(inputs: dict):
         quantize()
-        logits = model(**inputs, cache=cache)[:, -1, :]
-        if logits_processors:
-            for p in logits_processors:
-                logits = p(tokens, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs), logprobs.squeeze(0)
+        y, logprobs = sample_next(model(**inputs, cache=cache)[:, -1, :], tokens, sampler, logits_processors)
+        return y, logprobs.squeeze(0)
 
     ids = prompt[cache[0].offset :]
-    y, logprobs = step(prefill(model, ids, input_embeddings, cache, prefill_step_size, quantize))
+    y, logprobs = step(run(prefill_chunks(model, ids, input_embeddings, cache, prefill_step_size, quantize)))
     mx.async_eval(y, logprobs)
     for n in range(max_tokens):
         if n + 1 < max_tokens:
@@ -102,11 +113,21 @@ def generate_step(
             y, logprobs = next_y, next_logprobs
 
 
-def prefill(model, ids: mx.array, input_embeddings, cache: list, step_size: int,
-            before_chunk: Callable = lambda: None) -> dict:
+def run(steps: Generator):
+    """Drive a generator to its end and return its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def prefill_chunks(model, ids: mx.array, input_embeddings, cache: list, step_size: int,
+                   before_chunk: Callable = lambda: None) -> Generator[None, None, dict]:
     """Run all but the last position of the uncached prompt `ids` (or of its
-    `input_embeddings`) through `cache`, in chunks of `step_size`; returns the model inputs
-    of that last position, whose logits give the first token."""
+    `input_embeddings`) through `cache`, in chunks of `step_size`, yielding after each; returns
+    the model inputs of that last position, whose logits give the first token. generate_step
+    runs it through; the batch engine one chunk per step, between decode steps."""
 
     def chunk(i, j):
         if input_embeddings is not None:
@@ -121,6 +142,7 @@ def prefill(model, ids: mx.array, input_embeddings, cache: list, step_size: int,
         mx.eval([c.state for c in cache])
         done += n
         mx.clear_cache()
+        yield
     return chunk(done, new)
 
 
@@ -151,6 +173,8 @@ class GenerationResponse:
     peak_memory: float
     finish_reason: str | None = None
     cached_tokens: int = 0
+    draft_tokens: int = 0  # speculative decoding: drafts checked, and of those accepted
+    accepted_tokens: int = 0
 
 
 def check_length(model, n_prompt: int, max_tokens: int):
@@ -188,10 +212,11 @@ def stream_generate(
     prefill_step_size: int = 512,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
-    quantized_kv_start: int = 0,
+    quantized_kv_start: int = QUANTIZED_KV_START,
     max_kv_size: int | None = None,
     skip_special_tokens: bool = True,
     clip_to_context: bool = False,
+    draft=None,
     **controls,
 ) -> Iterator[GenerationResponse]:
     """Generate from chat `messages` (transformers' format) or a raw prompt string.
@@ -205,6 +230,8 @@ def stream_generate(
     (multi-turn chat) prefills only the tokens that follow what it already holds.
     KV-cache options (`kv_bits`, `kv_group_size`, `quantized_kv_start`, `max_kv_size`): see
     generate_step; `max_kv_size` applies to a cache made here (ChatCache takes its own).
+    `draft` (speculative.PromptLookup or DraftModel) turns on speculative decoding: greedy
+    output stays the same tokens, several per forward when drafts are accepted.
     """
     inputs = processor(prompt, images=images, **controls)
     ids = np.asarray(inputs["input_ids"])[0].tolist()
@@ -231,9 +258,16 @@ def stream_generate(
     embeds = None
     if pixels:
         embeds = model.get_input_embeddings(prompt_arr[None, start:], *pixels)
+    spec = {}
+    if draft is not None:
+        from .speculative import SpeculativeStats
+
+        draft.begin(processor, prompt, images, controls)
+        spec = {"drafter": draft, "stats": SpeculativeStats()}
     steps = generate_step(
         prompt_arr,
         model,
+        **spec,
         input_embeddings=embeds,
         prompt_cache=cache.layers,
         max_tokens=max_tokens,
@@ -263,10 +297,13 @@ def stream_generate(
                 peak_memory=mx.get_peak_memory() / 1e9,
                 finish_reason=finish,
                 cached_tokens=start,
+                draft_tokens=spec["stats"].drafted if spec else 0,
+                accepted_tokens=spec["stats"].accepted if spec else 0,
             )
             if finish:
                 break
     finally:
+        steps.close()  # a speculative loop trims what it ran ahead of the tokens taken
         cache.record(ids, generated, tiles)
 
 
@@ -289,11 +326,15 @@ def generate(model, processor, prompt, images=None, verbose: bool = False, **kwa
 
 def format_stats(r: GenerationResponse) -> str:
     cached = f" ({r.cached_tokens} cached)" if r.cached_tokens else ""
+    spec = ""
+    if r.draft_tokens:
+        spec = (f"Speculative: {r.draft_tokens} drafted, {r.accepted_tokens} accepted "
+                f"({100 * r.accepted_tokens / r.draft_tokens:.0f}%)\n")
     return (
         "==========\n"
         f"Prompt: {r.prompt_tokens} tokens{cached}, {r.prompt_tps:.1f} tokens-per-sec\n"
         f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens-per-sec\n"
-        f"Peak memory: {r.peak_memory:.3f} GB"
+        f"{spec}Peak memory: {r.peak_memory:.3f} GB"
     )
 
 

@@ -24,6 +24,7 @@ class MediaRefused(MediaError):
 class MediaBudget:
     max_image_pixels: int = 4096 * 4096
     max_video_seconds: float = 600.0
+    max_video_frames: int = 100_000  # frames in the file: demuxing costs ~10 us each
     max_video_frame_pixels: int = 3840 * 2160
     # Frames decoded (from the keyframe before each sampled one) x width x height: about
     # 16,500 frames of 1920x1088, what 64 samples of a 10-minute video with 10 s GOPs need.
@@ -68,7 +69,8 @@ def check_video(path: str, budget: MediaBudget) -> dict:
     if w * h > budget.max_video_frame_pixels:
         raise MediaRefused(f"video frames of {w}x{h} are over the limit of {budget.max_video_frame_pixels} pixels")
     try:  # demuxes every packet (bounded by the body size) but decodes nothing
-        v = load_video(path, budget.fps, budget.max_frames, budget.skip_secs, decode=False)
+        v = load_video(path, budget.fps, budget.max_frames, budget.skip_secs, decode=False,
+                       max_total_frames=budget.max_video_frames)
     except VideoError as e:
         raise MediaRefused(str(e).removeprefix(f"{path}: ")) from None
     sampled = len(v.indices)

@@ -51,6 +51,7 @@ class Limits:
     max_prompt_chars: int | None = None  # set by the server: context x longest token
     max_prompt_tokens: int | None = None  # set by the server: the context
     max_video_seconds: float = 600.0
+    max_video_frames: int = 100_000
     max_video_frame_pixels: int = 3840 * 2160
     max_video_decode_pixels: int = 2**35
     max_video_sample_pixels: int = 64 * 1920 * 1088
@@ -63,9 +64,12 @@ class Limits:
                            self.allowed_media_domains)
 
     def media_budget(self) -> MediaBudget:
-        return MediaBudget(self.max_image_pixels, self.max_video_seconds, self.max_video_frame_pixels,
-                           self.max_video_decode_pixels, self.max_video_sample_pixels, self.video_fps,
-                           self.video_max_frames, self.video_skip_secs)
+        return MediaBudget(
+            max_image_pixels=self.max_image_pixels, max_video_seconds=self.max_video_seconds,
+            max_video_frames=self.max_video_frames, max_video_frame_pixels=self.max_video_frame_pixels,
+            max_video_decode_pixels=self.max_video_decode_pixels,
+            max_video_sample_pixels=self.max_video_sample_pixels, fps=self.video_fps,
+            max_frames=self.video_max_frames, skip_secs=self.video_skip_secs)
 
 
 @dataclass
@@ -138,10 +142,17 @@ def sampling_params(body: dict, limits: Limits) -> SamplingParams:
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
+        top_k=_number(body, "top_k", 0, 0, 2**31 - 1, int),
+        min_p=_number(body, "min_p", 0.0, 0.0, 0.999),
+        repetition_penalty=_number(body, "repetition_penalty", None, 0.01, 10.0),
+        repetition_context_size=_number(body, "repetition_context_size", 20, 0, 2**31 - 1, int),
         seed=_seed(body),
         stop=stop,
         logprobs=top if logprobs else None,
         skip_special_tokens=skip,
+        # Our extension: speculative decoding by prompt lookup for this request (greedy rows).
+        prompt_lookup_tokens=_number(body, "prompt_lookup_tokens", 0, 0, 64, int),
+        ngram_size=_number(body, "ngram_size", 3, 1, 16, int),
     )
 
 

@@ -74,12 +74,18 @@ class EngineThread:
 
 
 def _usage(e: Event) -> dict:
-    return {
+    usage = {
         "prompt_tokens": e.prompt_tokens,
         "completion_tokens": e.completion_tokens,
         "total_tokens": e.prompt_tokens + e.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": e.cached_tokens},
     }
+    if e.draft_tokens:  # prompt lookup: OpenAI's fields for predicted tokens kept and dropped
+        usage["completion_tokens_details"] = {
+            "accepted_prediction_tokens": e.accepted_tokens,
+            "rejected_prediction_tokens": e.draft_tokens - e.accepted_tokens,
+        }
+    return usage
 
 
 def _logprobs(tokenizer, e: Event) -> dict:
@@ -327,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     p.add_argument("--prefill-step-size", type=int, default=512)
     p.add_argument("--feature-cache-tiles", type=int, default=64, help="image tiles whose features are kept")
-    p.add_argument("--prefix-cache-entries", type=int, default=8, help="recent prompts whose KV is kept")
+    p.add_argument("--prefix-cache-bytes", type=int, default=1 << 30,
+                   help="bytes of recent prompts' KV kept for reuse (0: off)")
     d = Limits()
     p.add_argument("--max-tokens-limit", type=int, default=d.max_tokens, help="largest max_tokens accepted")
     p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
@@ -335,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=d.max_images, help="images and videos per request")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
     p.add_argument("--max-video-seconds", type=float, default=d.max_video_seconds)
+    p.add_argument("--max-video-frames", type=int, default=d.max_video_frames,
+                   help="frames in one video file (counted while demuxing, before decoding)")
     p.add_argument("--max-video-frame-pixels", type=int, default=d.max_video_frame_pixels)
     p.add_argument("--max-video-decode-pixels", type=int, default=d.max_video_decode_pixels,
                    help="frames decoded to reach the sampled ones x width x height, from demuxing one video")
@@ -387,7 +396,7 @@ def main(argv=None):
     engine = BatchEngine(model, processor, max_batch=args.max_batch,
                          prefill_step_size=args.prefill_step_size,
                          feature_cache_tiles=args.feature_cache_tiles,
-                         prefix_cache_entries=args.prefix_cache_entries)
+                         prefix_cache_bytes=args.prefix_cache_bytes)
     domains = tuple(h.lower().rstrip(".") for h in args.allowed_media_domains) if args.allowed_media_domains else None
     limits = Limits(
         max_request_bytes=args.max_request_bytes, max_images=args.max_images,
@@ -396,6 +405,7 @@ def main(argv=None):
         remote_timeout=args.remote_timeout, remote_max_bytes=args.remote_max_bytes,
         allow_local_files=args.allow_local_files, allow_private_media=args.allow_private_networks,
         allowed_media_domains=domains, max_video_seconds=args.max_video_seconds,
+        max_video_frames=args.max_video_frames,
         max_video_frame_pixels=args.max_video_frame_pixels,
         max_video_decode_pixels=args.max_video_decode_pixels, body_timeout=args.body_timeout,
         max_video_sample_pixels=args.max_video_sample_pixels,

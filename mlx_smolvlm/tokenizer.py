@@ -9,7 +9,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
-from .errors import TokenizerError
+from .errors import InvalidRequestError, TokenizerError
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 # transformers' SPECIAL_TOKENS_ATTRIBUTES: with `additional_special_tokens` and the extra special
@@ -114,6 +114,8 @@ class Tokenizer:
             self._templates[source] = _template_env().from_string(source)
         if reads_parts_only(source):
             messages = [text_parts(m) for m in messages]
+        elif reads_strings_only(source):
+            messages = [text_string(m) for m in messages]
         return self._templates[source].render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
@@ -134,6 +136,27 @@ def text_parts(message: dict) -> dict:
     if isinstance(message.get("content"), str):
         return {**message, "content": [{"type": "text", "text": message["content"]}]}
     return message
+
+
+def reads_strings_only(template: str) -> bool:
+    """True for a template that never looks inside a message's content, like SmolLM2's text-only
+    one (`message['content'] + ...`): a list of parts would be a jinja TypeError."""
+    return not any(k in template for k in ("['type']", '["type"]', ".type", "is string", "is not string",
+                                           "is mapping", "is iterable", "is sequence"))
+
+
+def text_string(message: dict) -> dict:
+    """Text parts joined into the string such a template takes; media it cannot place."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    kinds = sorted({p.get("type") for p in content if p.get("type") != "text"})
+    if kinds:
+        raise InvalidRequestError(
+            f"this model's chat template takes text only (string content), so it cannot place the "
+            f"{'/'.join(kinds)} of a {message.get('role')} message; use a SmolVLM chat template"
+        )
+    return {**message, "content": "".join(p.get("text", "") for p in content)}
 
 
 def read_json(path):

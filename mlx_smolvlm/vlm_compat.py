@@ -23,6 +23,7 @@ special tokens stay in the text (DocTags are added special tokens).
 import sys
 from dataclasses import replace
 
+from .errors import InvalidRequestError
 from .generate import format_stats
 from .generate import load as _load
 from .generate import stream_generate as _stream_generate
@@ -30,15 +31,17 @@ from .loading import get_model_path
 from .loading import load_config as _load_config
 from .sample_utils import make_sampler
 
-__all__ = ["apply_chat_template", "generate", "install", "load", "load_config", "stream_generate", "uninstall"]
+__all__ = ["apply_chat_template", "generate", "install", "load", "load_config", "stream_generate",
+           "uninstall"]
 MODULES = ("mlx_vlm", "mlx_vlm.prompt_utils", "mlx_vlm.utils")
 
 
-def load(path_or_hf_repo, adapter_path=None, lazy: bool = False, revision=None, strict: bool = True, **kwargs):
+def load(path_or_hf_repo, adapter_path=None, lazy: bool = False, revision=None, strict: bool = True,
+         **kwargs):
     """(model, processor). `strict` is accepted for docling: the weights are always checked
     against the config here, and a tied head (no lm_head weight) follows the config."""
     if adapter_path is not None:
-        raise ValueError("adapters are not supported by mlx_smolvlm.vlm_compat.load")
+        raise InvalidRequestError("adapters are not supported by mlx_smolvlm.vlm_compat.load")
     return _load(path_or_hf_repo, lazy=lazy)
 
 
@@ -47,17 +50,17 @@ def load_config(path_or_repo, **kwargs) -> dict:
     return _load_config(get_model_path(str(path_or_repo)))
 
 
-def apply_chat_template(processor, config, prompt: str, num_images: int = 0, add_generation_prompt: bool = True,
-                        **kwargs) -> str:
+def apply_chat_template(processor, config, prompt: str, num_images: int = 0,
+                        add_generation_prompt: bool = True, **kwargs) -> str:
     """One user turn: `num_images` images, then `prompt`, rendered with the model's chat template."""
     content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
     messages = [{"role": "user", "content": content}]
     return processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
 
-def stream_generate(model, processor, prompt: str, image=None, *, max_tokens: int = 256, verbose: bool = False,
-                    temp: float | None = None, temperature: float | None = None, top_p: float = 1.0,
-                    skip_special_tokens: bool = False, **kwargs):
+def stream_generate(model, processor, prompt: str, image=None, *, max_tokens: int = 256,
+                    verbose: bool = False, temp: float | None = None, temperature: float | None = None,
+                    top_p: float = 1.0, skip_special_tokens: bool = False, **kwargs):
     """mlx-vlm's stream_generate: a formatted prompt and images (paths, URLs or PIL images) in,
     responses with `.text`, `.token` and `.logprobs` (log-probabilities over the vocabulary) out.
 

@@ -82,9 +82,12 @@ def scenario_turns(scenario: str, images: dict) -> list[list]:
 
 
 def reply_text(tokenizer, ids) -> str:
-    # Random weights emit special tokens such as `<image>`; a reply re-rendered into the
-    # next turn's prompt must not carry them (the image placeholders would not add up).
-    return tokenizer.decode(ids, skip_special_tokens=True)
+    # Random weights emit special tokens such as `<image>` or `<row_1_col_2>`; a reply re-rendered
+    # into the next turn's prompt must not carry them (the image placeholders would not add up).
+    # Every added token flagged special goes, as transformers' decode(skip_special_tokens=True)
+    # drops them (ours, like vLLM's, drops only the named ones): the backend decodes for both.
+    backend = getattr(tokenizer, "backend_tokenizer", None) or tokenizer.backend
+    return backend.decode(list(ids), skip_special_tokens=True)
 
 
 def hf_processor(folder: Path):

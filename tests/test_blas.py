@@ -107,10 +107,34 @@ def test_explicit_library_and_threads():
     assert out.split()[0] == os.path.realpath(blas.state["library"]) and "1 threads)" in out
 
 
-def test_missing_library_is_an_error():
+def test_default_threads_follow_the_load(monkeypatch):
+    monkeypatch.delenv(blas.THREADS_ENV, raising=False)
+    monkeypatch.setattr(blas.os, "sched_getaffinity", lambda pid: {0, 1})
+    for load, threads in ((0.3, 2), (0.99, 2), (1.0, 1), (11.0, 1)):
+        monkeypatch.setattr(blas.os, "getloadavg", lambda: (load, load, load))
+        assert blas._threads() == threads, load
+    monkeypatch.setattr(blas.os, "sched_getaffinity", lambda pid: {0})
+    assert blas._threads() == 1
+
+
+@pytest.mark.parametrize("value", ["/nonexistent/libblas.so", "bogus", "2", "libc.so.6"])
+def test_a_value_that_is_no_blas_is_one_line(value):
+    # A library import raises the typed error; the command line prints its one line and exits 1.
     with pytest.raises(subprocess.CalledProcessError) as e:
-        in_subprocess("import mlx_smolvlm", MLX_SMOLVLM_BLAS="/nonexistent/libblas.so")
-    assert "/nonexistent/libblas.so" in e.value.stderr
+        in_subprocess("import mlx_smolvlm", MLX_SMOLVLM_BLAS=value)
+    assert "mlx_smolvlm.blas.SettingError: MLX_SMOLVLM_BLAS=" in e.value.stderr
+    r = subprocess.run([sys.executable, "-m", "mlx_smolvlm.generate", "--model", "x.gguf", "--prompt", "hi"],
+                       capture_output=True, text=True, env={**os.environ, "MLX_SMOLVLM_BLAS": value})
+    print(r.stderr)
+    assert r.returncode == 1 and r.stderr.startswith(f"error: MLX_SMOLVLM_BLAS={value!r}: ")
+    assert "accepts 1/on/true" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@needs_openblas
+@pytest.mark.parametrize("value, library", [("1", True), ("on", True), ("TRUE", True), ("off", False), ("false", False)])
+def test_on_and_off_words(value, library):
+    out = in_subprocess("import mlx_smolvlm; print(mlx_smolvlm.blas.state['library'])", MLX_SMOLVLM_BLAS=value)
+    assert out.stdout.strip() == (blas.state["library"] if library else "None")
 
 
 @needs_openblas

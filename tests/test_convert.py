@@ -127,7 +127,10 @@ def test_config_is_explicit_for_other_readers(tmp_path):
     text, vision = cfg["text_config"], cfg["vision_config"]
     # transformers 5 writes rope_theta only under rope_parameters: mlx-vlm would default it.
     assert text["rope_theta"] == 100000.0
-    assert text["tie_word_embeddings"] is cfg["tie_word_embeddings"] is True
+    # The tied head written out for mlx-vlm and mlx-swift-lm (convert/compat.py untie_head).
+    assert text["tie_word_embeddings"] is cfg["tie_word_embeddings"] is False
+    weights = mx.load(str(out / "model.safetensors"))
+    assert mx.array_equal(weights["lm_head.weight"], weights["model.text_model.embed_tokens.weight"])
     for key in ("num_hidden_layers", "intermediate_size", "image_size", "patch_size", "num_attention_heads"):
         assert key in vision
 
@@ -297,14 +300,19 @@ def test_upload(tmp_path, monkeypatch):
         convert(str(source(tmp_path, "tiny-smolvlm")), tmp_path / "out2", upload_repo="me/fails")
 
 
-@pytest.mark.parametrize("recipe", [None, "mixed", "all"])
-def test_mlx_vlm_loads_the_output_with_the_same_logits(tmp_path, recipe):
+@pytest.mark.parametrize("preset, recipe", [("tiny-idefics3", None), ("tiny-idefics3", "mixed"),
+                                            ("tiny-idefics3", "all"), ("tiny-smolvlm", None),
+                                            ("tiny-smolvlm", "mixed")])
+def test_mlx_vlm_loads_the_output_with_the_same_logits(tmp_path, preset, recipe):
     vlm_utils = pytest.importorskip("mlx_vlm.utils")
-    # mlx-vlm's decoder always has an lm_head, so it reads untied checkpoints only.
-    src = source(tmp_path, "tiny-idefics3")
+    # mlx-vlm's decoder always has an lm_head: tiny-smolvlm's tied head is written out for it.
+    src = source(tmp_path, preset)
     quant = dict(quantize=True, q_group_size=32, recipe=recipe) if recipe else {}
     out = convert(str(src), tmp_path / "out", evaluate=False, **quant)
     ours, theirs = load_model(out), vlm_utils.load_model(out)
+    if preset == "tiny-smolvlm" and recipe is None:  # the untied folder computes the tied source's logits
+        ids = mx.array([[1, 5, 9, 30, 2, 77]])
+        assert mx.array_equal(ours(ids), load_model(src)(ids))
     ids = mx.array([[1, 5, 9, 30, 2, 77] + [300] * 4 + [8, 4]])
     pixels = image_prompt(ours.config)["pixels"].transpose(0, 3, 1, 2)[None]  # (B, N, C, H, W)
     for args in [(ids, None), (ids, pixels)]:

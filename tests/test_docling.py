@@ -171,3 +171,34 @@ def test_mlx_engine_route_as_the_readme_documents_it(checkpoint, pdf, tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     check_markdown(out.stdout.strip())
+
+
+def test_vlm_compat_install_and_the_legacy_route_calls(checkpoint, monkeypatch):
+    """install() refuses to shadow an imported mlx-vlm; what docling's legacy InlineVlmOptions
+    route reads (r.token, r.logprobs[r.token]) and `generate` (imported there) work."""
+    import types
+
+    from mlx_smolvlm import vlm_compat
+
+    for name in vlm_compat.MODULES:  # the real mlx-vlm, if an earlier test imported it, comes back after
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "mlx_vlm", types.ModuleType("mlx_vlm"))
+    with pytest.raises(RuntimeError, match="already imported"):
+        vlm_compat.install()
+    monkeypatch.delitem(sys.modules, "mlx_vlm")
+    vlm_compat.install()
+    try:
+        from mlx_vlm import generate, load
+        from mlx_vlm.prompt_utils import apply_chat_template
+        from mlx_vlm.utils import load_config
+
+        model, processor = load(checkpoint, strict=True)
+        prompt = apply_chat_template(processor, load_config(checkpoint), PROMPT, num_images=0)
+        rs = list(vlm_compat.stream_generate(model, processor, prompt, max_tokens=6, temp=0.0))
+        for r in rs:
+            assert float(r.logprobs[r.token]) == float(r.logprobs.max())  # greedy
+        whole = generate(model, processor, prompt, max_tokens=6, temperature=0.0)
+        assert whole.text == "".join(r.text for r in rs) and whole.token == rs[-1].token
+    finally:
+        vlm_compat.uninstall()
+    assert not any(name in sys.modules for name in vlm_compat.MODULES)

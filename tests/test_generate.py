@@ -15,7 +15,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import assert_agrees
+from helpers import assert_agrees, assert_same_greedy, decided_steps
 from make_generate_golden import GOLDEN, SCENARIOS, TINY, TINY_MAX_TOKENS, assistant, reply_text
 from make_generate_golden import scenario_turns, tiny_folder, user, write_images
 
@@ -28,6 +28,10 @@ from mlx_smolvlm.sample_utils import make_sampler
 from mlx_smolvlm.text_stream import TextStream
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers")
+# Our float32 log-probs and transformers' (or another chunking's) differ by summation order
+# (test_model.py: logits within 1e-4 of the largest): greedy tokens are compared over the steps
+# whose margin is wider than twice this. tiny-idefics3's margins are 0.01 and up.
+TOKENS_MOVE = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +92,16 @@ def test_greedy_matches_transformers(tiny, images, name, scenario):
         print(f"{name} {scenario} turn {i}: {len(ids)} prompt tokens "
               f"({responses[-1].cached_tokens} cached), {len(tokens)} generated, equal: "
               f"{tokens == expected['tokens']} ({'golden' if t.live is None else 'live'})")
-    # ids and greedy tokens equal transformers' (live) and the golden, or the message says which moved
-    assert_agrees(f"generate_golden.json {name}/{scenario}", ours, same=lambda a, b: a == b,
+    decided = [decided_steps([r.logprobs for r in responses], TOKENS_MOVE) for _, _, responses in results]
+    assert min(decided) >= 12, decided
+
+    def same(a, b):
+        return len(a) == len(b) and all(x["input_ids"] == y["input_ids"] and x["tokens"][:n] == y["tokens"][:n]
+                                        for x, y, n in zip(a, b, decided))
+
+    # ids and greedy tokens (over the decided steps) equal transformers' (live) and the golden,
+    # or the message says which moved
+    assert_agrees(f"generate_golden.json {name}/{scenario}", ours, same=same,
                   live=None if t.live is None else t.live[scenario], golden=t.golden[scenario], record=t.record)
     if scenario == "two_turns":
         # The second turn prefills only what follows the cached first turn.
@@ -102,17 +114,18 @@ def test_raw_prompt_with_images_equals_messages(tiny, images):
     model, processor, ref = t.model, t.processor, t.ref
     messages = scenario_turns("tiled", images)[0]
     prompt = processor.apply_chat_template(messages)
-    tokens = [r.token for r in stream_generate(model, processor, prompt, [images["wide.png"]],
-                                               max_tokens=TINY_MAX_TOKENS)]
-    assert tokens == ref["tiled"][0]["tokens"]
+    rs = list(stream_generate(model, processor, prompt, [images["wide.png"]], max_tokens=TINY_MAX_TOKENS))
+    assert_same_greedy([r.token for r in rs], [r.logprobs for r in rs], ref["tiled"][0]["tokens"], TOKENS_MOVE,
+                       at_least=12, what="raw prompt vs reference")
 
 
 def test_chunked_prefill_gives_the_same_tokens(tiny, images):
     t = tiny["tiny-idefics3"]
     model, processor, ref = t.model, t.processor, t.ref
     turns = scenario_turns("two_images", images)
-    (_, tokens, _), = run_turns(model, processor, turns, prefill_step_size=7)
-    assert tokens == ref["two_images"][0]["tokens"]
+    (_, tokens, rs), = run_turns(model, processor, turns, prefill_step_size=7)
+    assert_same_greedy(tokens, [r.logprobs for r in rs], ref["two_images"][0]["tokens"], TOKENS_MOVE,
+                       at_least=12, what="chunks of 7 vs reference")
 
 
 def test_chunked_prefill_bounds_peak_memory(tiny):
@@ -121,12 +134,13 @@ def test_chunked_prefill_bounds_peak_memory(tiny):
 
     def run(step):
         rs = list(stream_generate(model, processor, prompt, max_tokens=4, prefill_step_size=step))
-        return [r.token for r in rs], rs[-1].peak_memory
+        return [r.token for r in rs], rs[-1].peak_memory, [r.logprobs for r in rs]
 
-    (whole, whole_peak), (chunked, chunked_peak) = run(4096), run(128)
+    (whole, whole_peak, logprobs), (chunked, chunked_peak, _) = run(4096), run(128)
     print(f"{len(processor(prompt)['input_ids'][0])}-token prompt: peak {whole_peak * 1e3:.1f} MB in one "
           f"chunk, {chunked_peak * 1e3:.1f} MB in chunks of 128")
-    assert chunked == whole and chunked_peak < whole_peak / 2
+    assert_same_greedy(chunked, logprobs, whole, TOKENS_MOVE, at_least=4, what="chunks of 128 vs one")
+    assert chunked_peak < whole_peak / 2
 
 
 def test_stream_and_generate_agree_and_stop_reasons(tiny, images):
@@ -214,9 +228,11 @@ def test_cache_is_rebuilt_when_a_new_turn_changes_the_cached_images(tiny, images
     first = [{"role": "user", "content": [{"type": "image", "path": wide}, {"type": "text", "text": "a"}]}]
     list(stream_generate(model, processor, first, max_tokens=2, prompt_cache=cache))
     other = [{"role": "user", "content": [{"type": "image", "path": square}, {"type": "text", "text": "a"}]}]
-    fresh = [r.token for r in stream_generate(model, processor, other, max_tokens=8)]
+    fresh_rs = list(stream_generate(model, processor, other, max_tokens=8))
+    fresh = [r.token for r in fresh_rs]
     reused = list(stream_generate(model, processor, other, max_tokens=8, prompt_cache=cache))
-    assert [r.token for r in reused] == fresh
+    assert_same_greedy([r.token for r in reused], [r.logprobs for r in fresh_rs], fresh, TOKENS_MOVE, at_least=6,
+                       what="rebuilt cache vs fresh")
     assert reused[-1].cached_tokens < len(processor(other)["input_ids"][0])
 
 

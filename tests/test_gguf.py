@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from helpers import check_inputs
+from helpers import assert_same_greedy, check_inputs
 from make_generate_golden import GGUF_MAX_TOKENS, GGUF_PROMPTS, GGUF_SYSTEM, GOLDEN, LOGITS_TOP, gguf_path
 from make_generate_golden import gguf_prompt_ids
 
@@ -129,11 +129,14 @@ def test_greedy_generation_matches_transformers(smollm2, golden, hf_model):
               f"{tokens == golden['prompts'][prompt]}; prefill {r.prompt_tps:.1f} tok/s, "
               f"decode {r.generation_tps:.1f} tok/s, peak {r.peak_memory:.3f} GB")
         assert r.prompt_tokens == len(ids)
-        assert tokens == golden["prompts"][prompt]
+        # Logits within LOGITS_TOL of transformers': tokens compared where the margin is wider.
+        n = assert_same_greedy(tokens, [r.logprobs for r in responses], golden["prompts"][prompt], LOGITS_TOL,
+                               at_least=8, what=f"{prompt!r} vs golden")
         if hf_model is not None:
             from make_generate_golden import teacher_forced
 
-            assert teacher_forced(hf_model, ids, tokens)[0] == tokens, "transformers would decode otherwise"
+            picks = teacher_forced(hf_model, ids, tokens)[0]
+            assert picks[:n] == tokens[:n], "transformers would decode otherwise"
     assert "Paris" in processor.tokenizer.decode(golden["prompts"][GGUF_PROMPTS[0]])
     assert len(golden["prompts"][GGUF_PROMPTS[1]]) == GGUF_MAX_TOKENS
 

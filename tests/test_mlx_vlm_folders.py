@@ -14,6 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import assert_same_greedy
 from PIL import Image
 
 from mlx_smolvlm import vlm_compat
@@ -74,19 +75,26 @@ def page(tmp_path_factory):
     return path
 
 
-def mlx_vlm_tokens(folder: Path, image: Path, eos: set) -> list:
+# mlx-vlm and we run the same weights through MLX with other op orders (and its own casts): a
+# log-prob moves by up to this between the two (checked below on every compared step), and
+# greedy tokens are compared over the steps whose margin is wider than twice it.
+MLX_VLM_MOVE = 1e-3
+
+
+def mlx_vlm_tokens(folder: Path, image: Path, eos: set) -> tuple[list, list]:
     import mlx_vlm
     from mlx_vlm.prompt_utils import apply_chat_template
 
     model, processor = mlx_vlm.load(str(folder))
     prompt = apply_chat_template(processor, model.config, PROMPT, num_images=1)
-    tokens = []
+    tokens, logprobs = [], []
     for r in mlx_vlm.stream_generate(model, processor, prompt, [str(image)], max_tokens=N_TOKENS,
                                      temperature=0.0):
         if r.token in eos or len(tokens) == N_TOKENS:  # it may yield one past max_tokens
             break
         tokens.append(r.token)
-    return tokens
+        logprobs.append(np.array(mx.array(r.logprobs).astype(mx.float32)).reshape(-1))
+    return tokens, logprobs
 
 
 @pytest.mark.parametrize("preset, bits", CELLS)
@@ -94,22 +102,29 @@ def test_cli_decodes_mlx_vlm_folders_as_mlx_vlm_does(folders, page, capsys, pres
     folder = folders(preset, bits)
     model, processor = vlm_compat.load(folder)
     eos = set(processor.tokenizer.eos_token_ids)
-    theirs = mlx_vlm_tokens(folder, page, eos)
+    theirs, their_logprobs = mlx_vlm_tokens(folder, page, eos)
 
     # The docling-style API: same prompt format, special tokens kept.
     prompt = vlm_compat.apply_chat_template(processor, vlm_compat.load_config(folder), PROMPT, num_images=1)
-    ours = [r.token for r in vlm_compat.stream_generate(model, processor, prompt, [str(page)],
-                                                        max_tokens=N_TOKENS, temp=0.0)]
-    ours = [t for t in ours if t not in eos]
+    rs = [r for r in vlm_compat.stream_generate(model, processor, prompt, [str(page)], max_tokens=N_TOKENS,
+                                                temp=0.0) if r.token not in eos]
+    ours, logprobs = [r.token for r in rs], [np.array(r.logprobs) for r in rs]
     print(f"{preset} {bits or 'float'}: mlx-vlm {theirs}, ours {ours}")
-    assert ours == theirs
+    common = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs))) + 1
+    move = max(np.abs(a - b).max() for a, b in zip(logprobs[:common], their_logprobs[:common]))
+    print(f"log-probs vs mlx-vlm over {common} steps: max |diff| {move:.2e} (stated {MLX_VLM_MOVE})")
+    assert move <= MLX_VLM_MOVE
+    n = assert_same_greedy(ours, logprobs, theirs, MLX_VLM_MOVE, at_least=4, what=f"{preset} {bits} vs mlx-vlm")
 
     # The CLI on the same folder prints the same tokens' text.
     capsys.readouterr()
     assert cli(["--model", str(folder), "--image", str(page), "--prompt", PROMPT,
                 "--max-tokens", str(N_TOKENS), "--keep-special-tokens"]) == 0
     printed = capsys.readouterr().out
-    assert printed == processor.tokenizer.decode(theirs, skip_special_tokens=False) + "\n"
+    if n == len(theirs):
+        assert printed == processor.tokenizer.decode(theirs, skip_special_tokens=False) + "\n"
+    else:
+        assert printed.startswith(processor.tokenizer.decode(theirs[: n - 1], skip_special_tokens=False))
 
 
 def test_quantized_matches_its_dequantized_twin(folders, page):

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import assert_agrees, check_inputs, max_rel_diff, our_stages
+from helpers import assert_agrees, assert_same_argmax, check_inputs, max_rel_diff, our_stages
 from provenance import read_stamp
 
 from mlx_smolvlm.loading import load_model
@@ -61,7 +61,10 @@ def test_greedy_tokens_match_reference(name):
     model = load_model(FIXTURES / name)
     logits = model(mx.array(inputs["input_ids"]), mx.array(inputs["pixel_values"]),
                    mx.array(inputs["pixel_attention_mask"]))
-    assert np.array_equal(np.array(logits.argmax(-1)), (stored if live is None else live)["logits"].argmax(-1))
+    ref = (stored if live is None else live)["logits"]
+    # Logits within TOL of the reference's largest: argmax compared where that cannot flip it.
+    move = TOL["float32"] * max(1.0, float(np.abs(ref).max()))
+    assert_same_argmax(np.array(logits), ref, move, at_least=ref.shape[-2] // 2, what=name)
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -13,7 +13,7 @@ import pytest
 from make_checkpoint import PRESETS, build_model
 from make_golden import make_inputs, reference_outputs
 from make_tokenizer import write_processor_folder
-from helpers import max_rel_diff, our_stages
+from helpers import assert_same_argmax, max_rel_diff, our_stages
 from video_synth import VIDEOS, make_video
 
 from mlx_smolvlm.errors import InvalidRequestError
@@ -37,7 +37,9 @@ def test_stages_match_transformers_on_a_grid_that_leaves_pixels_unseen(tmp_path)
         diff = max_rel_diff(ours[stage].astype(mx.float32), ref[stage])
         print(f"tiny-p14 {stage}: max rel diff {diff:.2e} (tol {TOL:.0e})")
         assert diff <= TOL, stage
-    assert np.array_equal(np.array(ours["logits"].argmax(-1)), ref["logits"].argmax(-1))
+    move = TOL * max(1.0, float(np.abs(ref["logits"]).max()))  # what TOL lets a logit move
+    assert_same_argmax(np.array(ours["logits"].astype(mx.float32)), ref["logits"], move,
+                       at_least=ref["logits"].shape[-2] // 2, what="tiny-p14 logits")
 
 
 def test_video_on_384_px_tiles(tmp_path):

@@ -8,18 +8,33 @@ import io
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 from PIL import Image
+from helpers import decided_steps
 from serving import serve
 
-from mlx_smolvlm.generate import generate, load
+from mlx_smolvlm.generate import load, stream_generate
 from mlx_smolvlm.image_processing import decode_image
+from mlx_smolvlm.sample_utils import make_logits_processors, make_sampler
 
 KEY = "test-key"
 MAX_TOKENS = 12
+# The server batches requests; a batched row and a solo run differ in float32 summation order
+# only (test_batch.py). Texts are compared whole, so every step's margin must be wider than
+# twice this: `greedy_text` checks it.
+BATCH_MOVE = 1e-4
+
+
+def greedy_text(model, processor, messages, max_tokens):
+    """Greedy text of `messages` run alone, after checking no step of it is a near-tie."""
+    rs = list(stream_generate(model, processor, messages, max_tokens=max_tokens))
+    logprobs = [r.logprobs for r in rs]
+    assert decided_steps(logprobs, BATCH_MOVE) == len(rs), "a near-tie: the batched answer may differ"
+    return "".join(r.text for r in rs)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +59,7 @@ def solo(tiny_idefics3):
     def run(messages, max_tokens=MAX_TOKENS):
         key = json.dumps([messages, max_tokens])
         if key not in memo:
-            memo[key] = generate(model, processor, to_processor(messages), max_tokens=max_tokens)
+            memo[key] = greedy_text(model, processor, to_processor(messages), max_tokens)
         return memo[key]
 
     return run
@@ -107,6 +122,9 @@ def bad_requests(sample_images):
         (dict(messages=ask("x", "/etc/hostname")), 400, "messages[0].content[0]"),
         (dict(messages=ask("x", "http://127.0.0.1:9/nothing.png")), 400, "messages[0].content[0]"),
         (dict(messages=ask("x"), temperature=-1), 400, "temperature"),
+        (dict(messages=ask("x"), extra_body={"top_k": -1}), 400, "top_k"),
+        (dict(messages=ask("x"), extra_body={"min_p": 1.0}), 400, "min_p"),
+        (dict(messages=ask("x"), extra_body={"repetition_penalty": 0}), 400, "repetition_penalty"),
         (dict(messages=ask("x" * 300_000)), 400, "messages"),
         (dict(messages=[{"role": "robot", "content": "x"}]), 400, "messages[0].role"),
     ]
@@ -172,6 +190,27 @@ def test_seeded_sampling_repeats(client, sample_images):
               top_p=0.95, seed=3)
     a, b = (client.chat.completions.create(**kw).choices[0].message.content for _ in range(2))
     assert a == b
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.9, top_k=4, min_p=0.05, seed=21),
+                                dict(temperature=0.0, repetition_penalty=1.4, repetition_context_size=6)])
+def test_sampling_settings_as_the_python_api(client, tiny_idefics3, sample_images, kw):
+    """top_k, min_p, repetition penalty and seed mean what they mean in the CLI and the Python
+    API: the same sampler factory and logits processors, so the same text."""
+    model, processor = load(tiny_idefics3)
+    messages = good_requests(sample_images)[0]
+    rs = list(stream_generate(model, processor, to_processor(messages), max_tokens=MAX_TOKENS,
+                              sampler=make_sampler(kw["temperature"], 1.0, kw.get("top_k", 0), kw.get("min_p", 0.0),
+                                                   kw.get("seed")),
+                              logits_processors=make_logits_processors(kw.get("repetition_penalty"),
+                                                                       kw.get("repetition_context_size", 20))))
+    if kw["temperature"] == 0:
+        assert decided_steps([r.logprobs for r in rs], BATCH_MOVE) == len(rs), "a near-tie: texts may differ"
+    expected = "".join(r.text for r in rs)
+    extra = {k: v for k, v in kw.items() if k not in ("temperature", "seed")}
+    r = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS,
+                                       temperature=kw["temperature"], seed=kw.get("seed"), extra_body=extra)
+    assert r.choices[0].message.content == expected
 
 
 def test_limits_auth_and_media(client, server, sample_images, tmp_path):
@@ -279,5 +318,31 @@ def test_video_part(client, tmp_path, tmp_path_factory):
     model, processor = load(folder)
     local = [{"role": "user", "content": [{"type": "video", "path": str(path)},
                                           {"type": "text", "text": "What happens?"}]}]
-    assert r.choices[0].message.content == generate(model, processor, local, max_tokens=MAX_TOKENS)
+    assert r.choices[0].message.content == greedy_text(model, processor, local, MAX_TOKENS)
     assert r.usage.prompt_tokens > 50  # the frames' tokens are in
+
+
+def test_prompt_lookup_per_request(client, solo, sample_images):
+    """Speculative decoding by prompt lookup, per request (`prompt_lookup_tokens`, our
+    extension): the same answers, concurrently with plain requests; usage reports the drafts
+    in OpenAI's predicted-output fields."""
+    requests = good_requests(sample_images)[:4]
+
+    def one(i):
+        extra = {"prompt_lookup_tokens": 5, "ngram_size": 2} if i % 2 == 0 else {}
+        return client.chat.completions.create(model="m", messages=requests[i], max_tokens=MAX_TOKENS,
+                                              extra_body=extra)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(4)))
+    drafted = 0
+    for i, r in enumerate(results):
+        assert r.choices[0].message.content == solo(requests[i])
+        details = r.usage.completion_tokens_details
+        if i % 2 and details is not None:
+            assert not details.accepted_prediction_tokens and not details.rejected_prediction_tokens
+        elif details is not None:
+            drafted += details.accepted_prediction_tokens + details.rejected_prediction_tokens
+    assert drafted > 0
+    with pytest.raises(openai.BadRequestError, match="prompt_lookup_tokens"):
+        client.chat.completions.create(model="m", messages=ask("x"), extra_body={"prompt_lookup_tokens": -1})

@@ -96,7 +96,8 @@ def server(tiny_idefics3, tmp_path_factory):
             "--max-request-bytes", str(25 * 2**20), "--remote-timeout", "2", "--default-max-tokens", "4",
             "--max-tokens-limit", "2000", "--max-batch", "4", "--max-queue", "2", "--max-concurrent-per-key", "3",
             "--header-timeout", "1", "--body-timeout", "2", "--max-connections", "64", "--log-level", "warning",
-            "--max-video-decode-pixels", "1000000", "--max-video-sample-pixels", "500000"]
+            "--max-video-decode-pixels", "1000000", "--max-video-sample-pixels", "500000",
+            "--max-video-frames", "50"]
     with serve_process(tiny_idefics3, folder / "server.log", *args) as (url, proc):
         yield url, proc.pid
 
@@ -301,6 +302,11 @@ def test_media_bombs(server, client, baseline, tmp_path):
     r, dt = chat(client, media(b64("video/mp4", wide.read_bytes()), "video_url"))
     assert "4 sampled frames of 384x384" in assert_openai_error(r)["message"] and dt < 3, r.text
     record(server, "video over the sampled-frames budget", "400 from demuxing, no decoding", dt)
+    # 60 frames in the file, over --max-video-frames 50: refused while demuxing
+    many = make_video(tmp_path / "many.mp4", 6, 10, 16, 16)
+    r, dt = chat(client, media(b64("video/mp4", many.read_bytes()), "video_url"))
+    assert "more than 50 frames" in assert_openai_error(r)["message"] and dt < 3, r.text
+    record(server, "video with more frames than --max-video-frames", "400 while demuxing", dt)
     assert good_answer(client) == baseline
 
 
@@ -563,3 +569,37 @@ def test_server_fault_is_a_logged_500(caplog):
         assert "beyond the context" in assert_openai_error(r)["message"]
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 401}]})
         assert assert_openai_error(r)["code"] == "context_length_exceeded"  # 100 tokens x 4 characters
+
+
+def test_decode_budget_counts_what_the_decoder_decodes(tmp_path):
+    """`load_video(decode=False).decoded_frames`, which the decode budget uses, equals the
+    frames the decoder really produces to reach the sampled ones (GOP 12, B-frames)."""
+    import av
+    from video_synth import make_video
+
+    from mlx_smolvlm import video
+
+    path = make_video(tmp_path / "gop.mp4", 8, 6, 64, 64)
+    probe = video.load_video(path, decode=False)
+    produced = 0
+
+    class Counting:  # the container, counting the frames its decoder yields
+        def __init__(self, container):
+            self.container = container
+
+        def seek(self, *args, **kwargs):
+            return self.container.seek(*args, **kwargs)
+
+        def decode(self, stream):
+            nonlocal produced
+            for frame in self.container.decode(stream):
+                produced += 1
+                yield frame
+
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        pts, keys = video._frame_pts(c, stream)
+        frames = list(video._decode(Counting(c), stream, pts, keys, probe.indices))
+    print(f"{len(probe.indices)} samples of {probe.total_frames} frames: {produced} decoded, "
+          f"{probe.decoded_frames} counted")
+    assert len(frames) == len(probe.indices) > 2 and produced == probe.decoded_frames

@@ -21,9 +21,8 @@ from PIL import Image
 
 from mlx_smolvlm.loading import load_model
 from mlx_smolvlm.processing import load_processor
-from mlx_smolvlm.tuner.datasets import (
-    DatasetError, collate, encode, fit_length, load_split, row_messages,
-)
+from mlx_smolvlm.tuner.datasets import DatasetError, collate, load_split, row_messages
+from mlx_smolvlm.tuner.samples import encode, fit_length
 from mlx_smolvlm.tuner.layers import linear_to_lora_layers
 from mlx_smolvlm.tuner.trainer import grad_checkpoint, loss_fn
 
@@ -246,6 +245,8 @@ def test_cli_yaml_checkpoints_resume_and_test(tiny_idefics3, data, tmp_path):
     weights = mx.load(str(out / "adapters.safetensors"))
     assert any(k.startswith("model.vision_model.") and k.endswith(".m") for k in weights)
     assert r.stdout.count("saved adapter weights") == 2 and "Iter 4: val loss" in r.stdout
+    assert (out / "0000002_adapters.safetensors").is_file()  # numbered checkpoint, as mlx-lm's
+    assert not (out / "0000004_adapters.safetensors").exists()
     losses = [float(ln.split("train loss ")[1].split(",")[0]) for ln in r.stdout.splitlines() if "train loss" in ln]
     assert losses[-1] < losses[0]
 
@@ -256,6 +257,13 @@ def test_cli_yaml_checkpoints_resume_and_test(tiny_idefics3, data, tmp_path):
     val = [float(ln.split("val loss ")[1].split(",")[0]) for ln in r.stdout.splitlines() if "val loss" in ln]
     first = [ln for ln in r.stdout.splitlines() if "val loss" in ln][0]
     assert first.startswith("Iter 0:") and val[0] < 6.0 and "Test loss" in r.stdout  # starts trained
+
+    # --test alone rebuilds the adapter from its own config (rank 2, DoRA, vision), not the flags
+    r = lora_cli("--model", tiny_idefics3, "--data", data, "--test", "--adapter-path", out, "--lora-rank", 8)
+    assert r.returncode == 0, r.stderr
+    test_loss = float(r.stdout.split("Test loss ")[1].split(",")[0])
+    # the same adapter the resumed run started from, on the same rows (valid = test here)
+    assert abs(test_loss - val[0]) <= 1e-3 and "Trainable" not in r.stdout
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +309,7 @@ def test_ctrl_c_keeps_the_last_saved_adapter(tiny_idefics3, data, tmp_path):
             if saved == 3:
                 break
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
@@ -406,3 +414,24 @@ def test_frozen_vision_features_are_computed_once_per_sample(tiny_idefics3, data
     model.freeze()
     linear_to_lora_layers(model, -1, {"rank": 4, "alpha": 8, "train_connector": True})
     assert not frozen_vision(model)
+
+
+def test_video_and_image_rows_share_a_batch(tmp_path_factory, images):
+    """A SmolVLM2 batch of a video row (24-px frames, 4 tokens each) and an image row (36-px
+    tiles, 9 tokens each): each row's images are encoded at its own size, so the batch loss is
+    the token-weighted mean of the rows' losses (padding frames to the tiles' size would give
+    the video 9 feature rows per frame for its 4 tokens)."""
+    from make_generate_golden import tiny_folder
+
+    folder = tiny_folder("tiny-smolvlm", tmp_path_factory.mktemp("tiny-smolvlm"))
+    processor, model = load_processor(folder), load_model(folder)
+    video = {"messages": [{"role": "user", "content": [{"type": "video", "path": VIDEO.name},
+                                                       {"type": "text", "text": "What?"}]},
+                          {"role": "assistant", "content": "A clip."}]}
+    rows = [encode(processor, row_messages(video, "v", VIDEO.parent), frame_size=24),
+            encode(processor, row_messages(ROW_FORMATS["cauldron"], "i", images))]
+    assert rows[0].pixel_values.shape[-1] == 24 and rows[1].pixel_values.shape[-1] == 36
+    loss, n = loss_fn(model, collate(rows))
+    parts = [loss_fn(model, collate([r])) for r in rows]
+    want = sum(p.item() * k.item() for p, k in parts) / sum(k.item() for _, k in parts)
+    assert abs(loss.item() - want) < 1e-5 * want

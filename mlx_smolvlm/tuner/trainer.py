@@ -93,9 +93,10 @@ def evaluate(model, dataset, batch_size: int, num_batches: int = -1, pad_id: int
 
 
 def train(model, optimizer, train_set, val_set=None, args: TrainingArgs = TrainingArgs(),
-          save=None, report=print, pad_id: int = 0, start_step: int = 0):
+          save=None, report=print, pad_id: int = 0, start_step: int = 0, stop=None) -> int:
     """Train the model's trainable parameters. `save(step)` writes a checkpoint (every
-    `save_every` steps and at the end); `report(line)` prints progress and eval lines."""
+    `save_every` steps and at the end); `report(line)` prints progress and eval lines;
+    `stop()`, checked between steps, ends the run early. Returns the last step done."""
     if args.grad_checkpoint:
         grad_checkpoint(model.layers)
     cache_image_features(model, train_set, val_set)
@@ -126,6 +127,8 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs = Traini
     model.train()
     losses, tokens, elapsed, grads, n = 0.0, 0, 0.0, None, 0
     for it in range(start_step + 1, args.iters + 1):
+        if stop is not None and stop():
+            return it - 1
         t0 = time.perf_counter()
         for k in range(accum):
             batch = next(batches)
@@ -144,6 +147,7 @@ def train(model, optimizer, train_set, val_set=None, args: TrainingArgs = Traini
             validate(it)
         if save is not None and (it % args.save_every == 0 or it == args.iters):
             save(it)
+    return args.iters
 
 
 def build_schedule(config: dict | None, learning_rate: float):
