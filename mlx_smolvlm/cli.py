@@ -200,7 +200,7 @@ def stream_to_stdout(model, processor, messages, args, controls, prompt_cache=No
         processor,
         messages,
         max_tokens=args.max_tokens,
-        sampler=make_sampler(args.temp, args.top_p, args.top_k, args.min_p),
+        sampler=make_sampler(args.temp, args.top_p, args.top_k, args.min_p, args.seed),
         logits_processors=make_logits_processors(args.repetition_penalty, args.repetition_context_size),
         stop=args.stop,
         prompt_cache=prompt_cache,
@@ -252,8 +252,6 @@ def main(argv=None):
         if not args.image and not args.video:
             parser.error("--prompt is required without --image or --video")
         args.prompt = "Describe this video." if args.video else "Describe this image."
-    if args.seed is not None:
-        mx.random.seed(args.seed)
     controls = {"do_image_splitting": False} if args.no_split else {}
     if args.max_tiles:
         controls["max_tiles"] = args.max_tiles

@@ -5,7 +5,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Generator, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -16,7 +16,7 @@ from .gguf import load_gguf
 from .loading import get_model_path, load_model
 from .models.cache import QUANTIZED_KV_START, make_prompt_cache, maybe_quantize_kv_cache
 from .processing import load_processor, text_processor
-from .sample_utils import make_sampler
+from .sample_utils import make_sampler, sample_next
 from .text_stream import TextStream
 from .tokenizer import Tokenizer
 
@@ -96,15 +96,11 @@ def generate_step(
 
     def step(inputs: dict):
         quantize()
-        logits = model(**inputs, cache=cache)[:, -1, :]
-        if logits_processors:
-            for p in logits_processors:
-                logits = p(tokens, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs), logprobs.squeeze(0)
+        y, logprobs = sample_next(model(**inputs, cache=cache)[:, -1, :], tokens, sampler, logits_processors)
+        return y, logprobs.squeeze(0)
 
     ids = prompt[cache[0].offset :]
-    y, logprobs = step(prefill(model, ids, input_embeddings, cache, prefill_step_size, quantize))
+    y, logprobs = step(run(prefill_chunks(model, ids, input_embeddings, cache, prefill_step_size, quantize)))
     mx.async_eval(y, logprobs)
     for n in range(max_tokens):
         if n + 1 < max_tokens:
@@ -117,11 +113,21 @@ def generate_step(
             y, logprobs = next_y, next_logprobs
 
 
-def prefill(model, ids: mx.array, input_embeddings, cache: list, step_size: int,
-            before_chunk: Callable = lambda: None) -> dict:
+def run(steps: Generator):
+    """Drive a generator to its end and return its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def prefill_chunks(model, ids: mx.array, input_embeddings, cache: list, step_size: int,
+                   before_chunk: Callable = lambda: None) -> Generator[None, None, dict]:
     """Run all but the last position of the uncached prompt `ids` (or of its
-    `input_embeddings`) through `cache`, in chunks of `step_size`; returns the model inputs
-    of that last position, whose logits give the first token."""
+    `input_embeddings`) through `cache`, in chunks of `step_size`, yielding after each; returns
+    the model inputs of that last position, whose logits give the first token. generate_step
+    runs it through; the batch engine one chunk per step, between decode steps."""
 
     def chunk(i, j):
         if input_embeddings is not None:
@@ -136,6 +142,7 @@ def prefill(model, ids: mx.array, input_embeddings, cache: list, step_size: int,
         mx.eval([c.state for c in cache])
         done += n
         mx.clear_cache()
+        yield
     return chunk(done, new)
 
 

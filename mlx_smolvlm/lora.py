@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 
 from .errors import SmolVLMError
 from .generate import load
-from .tuner.adapters import save_adapters
+from .tuner.adapters import load_adapters, save_adapters
 from .tuner.datasets import load_split
 from .tuner.layers import TEXT_KEYS, linear_to_lora_layers
 from .tuner.trainer import TrainingArgs, build_schedule, evaluate, train
@@ -177,12 +177,17 @@ def run(s: dict, report=print):
     model, processor = load(s["model"])
     if not hasattr(model, "model") or not hasattr(model.model, "text_model"):
         raise ValueError(f"{s['model']}: fine-tuning needs a SmolVLM checkpoint folder")
-    adapter_config = setup_model(model, s)
-    if s["resume_adapter_file"]:
-        model.load_weights(s["resume_adapter_file"], strict=False)
-    n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    n_all = sum(v.size for _, v in tree_flatten(model.parameters()))
-    report(f"Trainable parameters: {100 * n_train / n_all:.3f}% ({n_train / 1e6:.3f}M/{n_all / 1e6:.3f}M)")
+    adapter_path = Path(s["adapter_path"])
+    if s["train"]:
+        adapter_config = setup_model(model, s)
+        if s["resume_adapter_file"]:
+            model.load_weights(s["resume_adapter_file"], strict=False)
+        n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+        n_all = sum(v.size for _, v in tree_flatten(model.parameters()))
+        report(f"Trainable parameters: {100 * n_train / n_all:.3f}% ({n_train / 1e6:.3f}M/{n_all / 1e6:.3f}M)")
+    elif (adapter_path / "adapter_config.json").is_file():
+        load_adapters(model, adapter_path)  # --test alone: the adapter as it was saved
+        model.freeze()
 
     image_token_id = model.config.image_token_id
     controls = {"do_image_splitting": False} if s["no_split"] else {}
@@ -190,7 +195,6 @@ def run(s: dict, report=print):
                                     s["max_seq_length"], **controls)
     pad_id = processor.tokenizer.convert_tokens_to_ids(
         processor.tokenizer.special_tokens.get("pad_token") or "<|endoftext|>") or 0
-    adapter_path = Path(s["adapter_path"])
     if s["train"]:
         train_set, val_set = data("train"), data("valid")
         if not train_set:
@@ -202,6 +206,8 @@ def run(s: dict, report=print):
 
         def save(step):
             save_adapters(model, adapter_path, adapter_config)
+            if step != s["iters"]:  # numbered checkpoints beside the latest, as mlx-lm keeps
+                save_adapters(model, adapter_path, adapter_config, weights_file=f"{step:07d}_adapters.safetensors")
             report(f"Iter {step}: saved adapter weights to {adapter_path}")
 
         args = TrainingArgs(**{k: s[k] for k in TrainingArgs.__dataclass_fields__})
@@ -211,8 +217,6 @@ def run(s: dict, report=print):
         if stopped.is_set():
             raise KeyboardInterrupt(f"interrupted after step {done}")
     if s["test"]:
-        if not s["train"] and (adapter_path / "adapters.safetensors").is_file():
-            model.load_weights(str(adapter_path / "adapters.safetensors"), strict=False)
         test_set = data("test")
         if not test_set:
             raise ValueError(f"{s['data']}: no test split")

@@ -49,16 +49,22 @@ def filtered_logits(logprobs: mx.array, temp: float, top_k: int, top_p: float, m
     return apply_min_p(apply_top_p(apply_top_k(logits, top_k), top_p), min_p)
 
 
-def categorical(logprobs: mx.array, temp: float, top_k: int, top_p: float, min_p: float) -> mx.array:
-    return mx.random.categorical(filtered_logits(logprobs, temp, top_k, top_p, min_p), axis=-1)
+def categorical(logprobs: mx.array, temp: float, top_k: int, top_p: float, min_p: float, key=None) -> mx.array:
+    return mx.random.categorical(filtered_logits(logprobs, temp, top_k, top_p, min_p), axis=-1, key=key)
 
 
 def greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
-def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Callable:
-    """A sampler: greedy when `temp` is 0, else sampling from the filtered distribution."""
+def make_sampler(
+    temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None
+) -> Callable:
+    """A sampler: greedy when `temp` is 0, else sampling from the filtered distribution.
+
+    With a `seed` the sampler draws from its own random key (split once per token), so the
+    same seed gives the same tokens wherever the sampler runs: the CLI, `stream_generate`,
+    one row of the server's batch. Without one it draws from MLX's global generator."""
     if temp < 0:
         raise InvalidRequestError(f"temperature must be >= 0, got {temp}")
     if not 0.0 < top_p <= 1.0:
@@ -69,7 +75,18 @@ def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: f
         raise InvalidRequestError(f"min_p must be in [0, 1), got {min_p}")
     if temp == 0:
         return greedy
-    return partial(categorical, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p)
+    draw = partial(categorical, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p)
+    if seed is None:
+        return draw
+    key = mx.random.key(seed)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, k = mx.random.split(key)
+        return draw(logprobs, key=k)
+
+    sample.draw, sample.seed = draw, seed  # what speculative decoding's acceptance rule needs
+    return sample
 
 
 def penalize_repetition(tokens: mx.array, logits: mx.array, penalty: float, context_size: int) -> mx.array:
@@ -94,3 +111,13 @@ def make_logits_processors(
     if repetition_context_size is not None and repetition_context_size < 0:
         raise InvalidRequestError(f"repetition_context_size must be >= 0, got {repetition_context_size}")
     return [partial(penalize_repetition, penalty=repetition_penalty, context_size=repetition_context_size)]
+
+
+def sample_next(logits: mx.array, context: mx.array | None, sampler: Callable, processors: list[Callable] | None):
+    """(1, V) logits of one sequence -> (token (1,), logprobs (1, V)): its logits processors
+    (given `context`, the ids so far), then its sampler. Both generate_step and each row of
+    the batch engine take their tokens here."""
+    for p in processors or ():
+        logits = p(context, logits)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return sampler(logprobs), logprobs

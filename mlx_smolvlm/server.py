@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     p.add_argument("--prefill-step-size", type=int, default=512)
     p.add_argument("--feature-cache-tiles", type=int, default=64, help="image tiles whose features are kept")
-    p.add_argument("--prefix-cache-entries", type=int, default=8, help="recent prompts whose KV is kept")
+    p.add_argument("--prefix-cache-bytes", type=int, default=1 << 30,
+                   help="bytes of recent prompts' KV kept for reuse (0: off)")
     d = Limits()
     p.add_argument("--max-tokens-limit", type=int, default=d.max_tokens, help="largest max_tokens accepted")
     p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
@@ -395,7 +396,7 @@ def main(argv=None):
     engine = BatchEngine(model, processor, max_batch=args.max_batch,
                          prefill_step_size=args.prefill_step_size,
                          feature_cache_tiles=args.feature_cache_tiles,
-                         prefix_cache_entries=args.prefix_cache_entries)
+                         prefix_cache_bytes=args.prefix_cache_bytes)
     domains = tuple(h.lower().rstrip(".") for h in args.allowed_media_domains) if args.allowed_media_domains else None
     limits = Limits(
         max_request_bytes=args.max_request_bytes, max_images=args.max_images,

@@ -10,7 +10,6 @@ from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
 from .errors import VideoError
@@ -285,23 +284,24 @@ def _axis_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int
 
 
 @lru_cache(maxsize=16)
-def _taps(in_size: int, out_size: int) -> tuple[mx.array, mx.array, int]:
+def _taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
     idx, q, bits = _axis_taps(in_size, out_size)
-    return mx.array(idx.astype(np.int32)), mx.array(q), bits
+    return idx.astype(np.intp), q, bits
 
 
-def _resample(x: mx.array, size: int, axis: int) -> mx.array:
+def _resample(x: np.ndarray, size: int, axis: int) -> np.ndarray:
     # int32 in [0, 255] -> the same along `axis` resized to `size`, rounded and clipped per
-    # pass as the reference's uint8 kernel does. MLX ops: on the GPU where there is one.
+    # pass as the reference's uint8 kernel does. numpy, not MLX: the processor runs beside the
+    # engine thread, which owns every MLX array; integer arithmetic, so the result is exact.
     if x.shape[axis] == size:
         return x
     idx, q, bits = _taps(x.shape[axis], size)
-    x = mx.moveaxis(x, axis, 0)
+    x = np.moveaxis(x, axis, 0)
     extra = (slice(None),) + (None,) * (x.ndim - 1)
-    acc = mx.array(1 << (bits - 1), mx.int32)
+    acc = np.full((size, *x.shape[1:]), 1 << (bits - 1), np.int32)
     for t in range(idx.shape[1]):
-        acc = acc + q[:, t][extra] * mx.take(x, idx[:, t], axis=0)
-    return mx.moveaxis(mx.clip(acc >> bits, 0, 255), 0, axis)
+        acc += q[:, t][extra] * np.take(x, idx[:, t], axis=0)
+    return np.moveaxis(np.clip(acc >> bits, 0, 255), 0, axis)
 
 
 def resize_frame(frame: np.ndarray, longest_edge: int, frame_size: int) -> np.ndarray:
@@ -309,8 +309,8 @@ def resize_frame(frame: np.ndarray, longest_edge: int, frame_size: int) -> np.nd
     Lanczos with antialias, bit-exact with torch's uint8 kernel (separable, horizontal pass
     first). One frame at a time: the first resize may upscale to 2048 px."""
     h, w = resized_shape(*frame.shape[:2], longest_edge)
-    x = _resample(_resample(mx.array(frame).astype(mx.int32), w, 1), h, 0)
-    return np.array(_resample(_resample(x, frame_size, 1), frame_size, 0).astype(mx.uint8))
+    x = _resample(_resample(frame.astype(np.int32), w, 1), h, 0)
+    return _resample(_resample(x, frame_size, 1), frame_size, 0).astype(np.uint8)
 
 
 def frame_pixels(frames: np.ndarray, mean=(0.5,) * 3, std=(0.5,) * 3, rescale=1 / 255):

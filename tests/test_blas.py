@@ -107,6 +107,16 @@ def test_explicit_library_and_threads():
     assert out.split()[0] == os.path.realpath(blas.state["library"]) and "1 threads)" in out
 
 
+def test_default_threads_follow_the_load(monkeypatch):
+    monkeypatch.delenv(blas.THREADS_ENV, raising=False)
+    monkeypatch.setattr(blas.os, "sched_getaffinity", lambda pid: {0, 1})
+    for load, threads in ((0.3, 2), (0.99, 2), (1.0, 1), (11.0, 1)):
+        monkeypatch.setattr(blas.os, "getloadavg", lambda: (load, load, load))
+        assert blas._threads() == threads, load
+    monkeypatch.setattr(blas.os, "sched_getaffinity", lambda pid: {0})
+    assert blas._threads() == 1
+
+
 @pytest.mark.parametrize("value", ["/nonexistent/libblas.so", "bogus", "2", "libc.so.6"])
 def test_a_value_that_is_no_blas_is_one_line(value):
     # A library import raises the typed error; the command line prints its one line and exits 1.

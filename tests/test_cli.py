@@ -52,7 +52,6 @@ def assert_float_answer(smollm2, stdout, prompt, system=None, max_tokens=8, at_l
 def test_gguf_answer_with_stats(smollm2):
     prompt = "What is the capital of France?"
     r = cli("--model", gguf_path(), "--system", "Be brief.", "--prompt", prompt, "--verbose")
-    print(r.stdout)
     assert r.returncode == 0, r.stderr
     assert "Paris" in assert_float_answer(smollm2, r.stdout, prompt, "Be brief.")
     for stat in ("Prompt: ", "tokens-per-sec", "Generation: ", "Peak memory: "):
@@ -70,7 +69,6 @@ def test_images_and_tiling_controls(tiny, images):
     tiled = cli("--model", tiny, "--image", images["wide.png"], "--dry-run")
     single = cli("--model", tiny, "--image", images["wide.png"], "--dry-run", "--no-split")
     capped = cli("--model", tiny, "--image", images["wide.png"], "--dry-run", "--max-tiles", 4)
-    print(tiled.stdout, single.stdout, capped.stdout, sep="\n")
     assert "3x4 grid + global = 13 tiles, 52 image tokens" in tiled.stdout
     assert "1 tile (unsplit), 4 image tokens" in single.stdout
     assert "predicted peak memory" in tiled.stdout and "of 2048 context" in tiled.stdout
@@ -81,7 +79,6 @@ def test_chat_keeps_the_cache_between_turns(tiny):
     r = cli("--model", tiny, "--chat", "--verbose", "--max-tokens", 4, stdin="Hello\nMore\n")
     assert r.returncode == 0, r.stderr
     stats = [line for line in r.stdout.splitlines() if "Prompt: " in line]
-    print(stats)
     assert len(stats) == 2 and "cached" not in stats[0] and "cached)" in stats[1]
 
 
@@ -111,7 +108,6 @@ def test_bad_model_and_context_length_give_one_line(tiny, images):
         (["--model", tiny, "--image", images["wide.png"], "--max-tokens", 2000], "context length of 2048"),
     ]:
         r = cli(*args, "--prompt", "hi")
-        print(r.stderr.strip())
         assert r.returncode == 1 and message in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
 
@@ -126,7 +122,6 @@ def test_ctrl_c_prints_the_partial_answer_and_exits_cleanly():
         seen += p.stdout.read(1)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
-    print((seen + out).decode(), err.decode())
     assert p.returncode == 130
     assert len((seen + out).split()) >= 3 and "Traceback" not in err.decode()
 

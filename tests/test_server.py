@@ -19,6 +19,7 @@ from serving import serve
 
 from mlx_smolvlm.generate import load, stream_generate
 from mlx_smolvlm.image_processing import decode_image
+from mlx_smolvlm.sample_utils import make_logits_processors, make_sampler
 
 KEY = "test-key"
 MAX_TOKENS = 12
@@ -121,6 +122,9 @@ def bad_requests(sample_images):
         (dict(messages=ask("x", "/etc/hostname")), 400, "messages[0].content[0]"),
         (dict(messages=ask("x", "http://127.0.0.1:9/nothing.png")), 400, "messages[0].content[0]"),
         (dict(messages=ask("x"), temperature=-1), 400, "temperature"),
+        (dict(messages=ask("x"), extra_body={"top_k": -1}), 400, "top_k"),
+        (dict(messages=ask("x"), extra_body={"min_p": 1.0}), 400, "min_p"),
+        (dict(messages=ask("x"), extra_body={"repetition_penalty": 0}), 400, "repetition_penalty"),
         (dict(messages=ask("x" * 300_000)), 400, "messages"),
         (dict(messages=[{"role": "robot", "content": "x"}]), 400, "messages[0].role"),
     ]
@@ -186,6 +190,27 @@ def test_seeded_sampling_repeats(client, sample_images):
               top_p=0.95, seed=3)
     a, b = (client.chat.completions.create(**kw).choices[0].message.content for _ in range(2))
     assert a == b
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.9, top_k=4, min_p=0.05, seed=21),
+                                dict(temperature=0.0, repetition_penalty=1.4, repetition_context_size=6)])
+def test_sampling_settings_as_the_python_api(client, tiny_idefics3, sample_images, kw):
+    """top_k, min_p, repetition penalty and seed mean what they mean in the CLI and the Python
+    API: the same sampler factory and logits processors, so the same text."""
+    model, processor = load(tiny_idefics3)
+    messages = good_requests(sample_images)[0]
+    rs = list(stream_generate(model, processor, to_processor(messages), max_tokens=MAX_TOKENS,
+                              sampler=make_sampler(kw["temperature"], 1.0, kw.get("top_k", 0), kw.get("min_p", 0.0),
+                                                   kw.get("seed")),
+                              logits_processors=make_logits_processors(kw.get("repetition_penalty"),
+                                                                       kw.get("repetition_context_size", 20))))
+    if kw["temperature"] == 0:
+        assert decided_steps([r.logprobs for r in rs], BATCH_MOVE) == len(rs), "a near-tie: texts may differ"
+    expected = "".join(r.text for r in rs)
+    extra = {k: v for k, v in kw.items() if k not in ("temperature", "seed")}
+    r = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS,
+                                       temperature=kw["temperature"], seed=kw.get("seed"), extra_body=extra)
+    assert r.choices[0].message.content == expected
 
 
 def test_limits_auth_and_media(client, server, sample_images, tmp_path):

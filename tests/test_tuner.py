@@ -21,9 +21,8 @@ from PIL import Image
 
 from mlx_smolvlm.loading import load_model
 from mlx_smolvlm.processing import load_processor
-from mlx_smolvlm.tuner.datasets import (
-    DatasetError, collate, encode, fit_length, load_split, row_messages,
-)
+from mlx_smolvlm.tuner.datasets import DatasetError, collate, load_split, row_messages
+from mlx_smolvlm.tuner.samples import encode, fit_length
 from mlx_smolvlm.tuner.layers import linear_to_lora_layers
 from mlx_smolvlm.tuner.trainer import grad_checkpoint, loss_fn
 
@@ -246,6 +245,8 @@ def test_cli_yaml_checkpoints_resume_and_test(tiny_idefics3, data, tmp_path):
     weights = mx.load(str(out / "adapters.safetensors"))
     assert any(k.startswith("model.vision_model.") and k.endswith(".m") for k in weights)
     assert r.stdout.count("saved adapter weights") == 2 and "Iter 4: val loss" in r.stdout
+    assert (out / "0000002_adapters.safetensors").is_file()  # numbered checkpoint, as mlx-lm's
+    assert not (out / "0000004_adapters.safetensors").exists()
     losses = [float(ln.split("train loss ")[1].split(",")[0]) for ln in r.stdout.splitlines() if "train loss" in ln]
     assert losses[-1] < losses[0]
 
@@ -256,6 +257,13 @@ def test_cli_yaml_checkpoints_resume_and_test(tiny_idefics3, data, tmp_path):
     val = [float(ln.split("val loss ")[1].split(",")[0]) for ln in r.stdout.splitlines() if "val loss" in ln]
     first = [ln for ln in r.stdout.splitlines() if "val loss" in ln][0]
     assert first.startswith("Iter 0:") and val[0] < 6.0 and "Test loss" in r.stdout  # starts trained
+
+    # --test alone rebuilds the adapter from its own config (rank 2, DoRA, vision), not the flags
+    r = lora_cli("--model", tiny_idefics3, "--data", data, "--test", "--adapter-path", out, "--lora-rank", 8)
+    assert r.returncode == 0, r.stderr
+    test_loss = float(r.stdout.split("Test loss ")[1].split(",")[0])
+    # the same adapter the resumed run started from, on the same rows (valid = test here)
+    assert abs(test_loss - val[0]) <= 1e-3 and "Trainable" not in r.stdout
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ from PIL import Image  # noqa: E402
 
 from mlx_smolvlm.loading import load_model  # noqa: E402
 from mlx_smolvlm.processing import load_processor  # noqa: E402
-from mlx_smolvlm.tuner.datasets import collate, encode, row_messages  # noqa: E402
+from mlx_smolvlm.tuner.datasets import collate, row_messages  # noqa: E402
+from mlx_smolvlm.tuner.samples import encode  # noqa: E402
 from mlx_smolvlm.tuner.layers import linear_to_lora_layers  # noqa: E402
 from mlx_smolvlm.tuner.trainer import loss_fn  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Key/value caches for incremental decoding, every kind behind one base class.
+"""Key/value caches for incremental decoding, every kind behind one interface.
 
 - `KVCache`: float keys and values in buffers grown in steps of 256 positions, so a decode
   step writes one slice instead of concatenating the whole history.
@@ -8,6 +8,12 @@
   rebuilt for a token.
 - `RotatingKVCache`: at most `max_size` positions, mlx-lm's `--max-kv-size` semantics.
 - `BatchKVCache`: several left-padded sequences decoded together (the batch engine).
+
+The interface (`_BaseCache`) is all that code outside this file uses: `state` (the arrays;
+reading it gives new arrays, so a snapshot never sees later writes), `meta_state` (the rest,
+as strings), `from_state` / `copy`, `offset`, `is_trimmable` / `trim` (chat turns and
+speculative decoding roll back through them), `nbytes`, `make_mask`, and for the batch cache
+`from_rows` / `extend` / `filter`.
 """
 
 import mlx.core as mx
@@ -15,19 +21,51 @@ import mlx.core as mx
 from ..errors import InvalidRequestError
 
 
-class _BaseCache:
-    """What every cache kind shares: positions appended at `offset`, trimmed from the end."""
+def _leaves(tree) -> list:
+    if isinstance(tree, (list, tuple)):
+        return [x for t in tree for x in _leaves(t)]
+    return [tree]
 
-    offset: int
+
+class _BaseCache:
+    offset: int = 0
+
+    @property
+    def meta_state(self) -> tuple:
+        return ()
+
+    @meta_state.setter
+    def meta_state(self, v: tuple):
+        pass
+
+    @classmethod
+    def _from_meta(cls, meta_state: tuple):
+        return cls()
+
+    @classmethod
+    def from_state(cls, state, meta_state: tuple = ()):
+        """A cache holding `state`, as another cache's `state` and `meta_state` gave them."""
+        c = cls._from_meta(meta_state)
+        c.state = state
+        c.meta_state = meta_state
+        return c
+
+    def copy(self):
+        """An independent cache with the same contents: writes to one never reach the other."""
+        return type(self).from_state(self.state, self.meta_state)
 
     def is_trimmable(self) -> bool:
         return True
 
     def trim(self, n: int) -> int:
-        """Drop the last `n` positions (used to roll a chat turn back)."""
-        n = min(self.offset, n)
+        """Drop the last `n` positions; returns how many were dropped (0 if not trimmable)."""
+        n = min(self.offset, n) if self.is_trimmable() else 0
         self.offset -= n
         return n
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in _leaves(self.state))
 
     def make_mask(self, N: int):
         # One new token attends to everything cached; a longer chunk needs causality.
@@ -38,8 +76,7 @@ class KVCache(_BaseCache):
     step = 256
 
     def __init__(self):
-        self.keys = None
-        self.values = None
+        self.keys = self.values = None
         self.offset = 0
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
@@ -67,15 +104,16 @@ class KVCache(_BaseCache):
             return []
         return [self.keys[..., : self.offset, :], self.values[..., : self.offset, :]]
 
+    @state.setter
+    def state(self, v):
+        self.keys, self.values = v if v else (None, None)
+        self.offset = 0 if self.keys is None else self.keys.shape[2]
+
     def to_quantized(self, group_size: int, bits: int) -> "QuantizedKVCache":
         q = QuantizedKVCache(group_size, bits)
         if self.keys is not None:
             q.update_and_fetch(*self.state)
         return q
-
-    @property
-    def nbytes(self) -> int:
-        return sum(x.nbytes for x in self.state)
 
 
 def _grow(triple, n: int):
@@ -119,16 +157,29 @@ class QuantizedKVCache(_BaseCache):
             return []
         return tuple(tuple(x[..., : self.offset, :] for x in t) for t in (self.keys, self.values))
 
+    @state.setter
+    def state(self, v):
+        self.keys, self.values = (tuple(v[0]), tuple(v[1])) if v else (None, None)
+        self.offset = 0 if self.keys is None else self.keys[0].shape[2]
+
     @property
-    def nbytes(self) -> int:
-        return sum(x[..., : self.offset, :].nbytes for t in (self.keys or ()) + (self.values or ()) for x in t)
+    def meta_state(self) -> tuple:
+        return (str(self.group_size), str(self.bits))
+
+    @meta_state.setter
+    def meta_state(self, v: tuple):
+        self.group_size, self.bits = map(int, v)
+
+    @classmethod
+    def _from_meta(cls, meta_state: tuple):
+        return cls(*map(int, meta_state))
 
 
 class RotatingKVCache(_BaseCache):
     """A KV cache of at most `max_size` positions: the first `keep` are never evicted, the rest
     is a ring of the most recent ones. mlx-lm's RotatingKVCache semantics (`--max-kv-size`,
     keep=4), so a capped context behaves as it does there.
-    
+
     Decoding one token overwrites the oldest slot in place (the ring is in no particular order:
     keys are rotated before they are cached, so attention does not care). A chunk of several
     tokens is appended to the history in time order, of which `max_size - 1` positions are kept,
@@ -199,15 +250,33 @@ class RotatingKVCache(_BaseCache):
     def state(self):
         if self.keys is None:
             return []
-        if self.offset < self.keys.shape[2]:
-            return [self.keys[..., : self.offset, :], self.values[..., : self.offset, :]]
-        return [self.keys, self.values]
+        n = min(self.offset, self.keys.shape[2])  # a full (or wrapped) buffer is valid throughout
+        return [self.keys[..., :n, :], self.values[..., :n, :]]
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values = v if v else (None, None)
+
+    @property
+    def meta_state(self) -> tuple:
+        return tuple(map(str, (self.keep, self.max_size, self.offset, self.idx)))
+
+    @meta_state.setter
+    def meta_state(self, v: tuple):
+        self.keep, self.max_size, self.offset, self.idx = map(int, v)
+
+    @classmethod
+    def _from_meta(cls, meta_state: tuple):
+        keep, max_size = map(int, meta_state[:2])
+        return cls(max_size, keep)
 
     def is_trimmable(self) -> bool:
-        return self.offset < self.max_size  # nothing evicted yet
+        # Nothing evicted yet: one token past a full window overwrites, and a chunk drops old
+        # positions only once more than max_size - 1 are held, so up to max_size all are there.
+        return self.offset <= self.max_size
 
     def trim(self, n: int) -> int:
-        n = min(self.offset, n)
+        n = min(self.offset, n) if self.is_trimmable() else 0
         self.offset -= n
         self.idx -= n
         return n
@@ -231,7 +300,7 @@ def _pad_left(x: mx.array, n: int) -> mx.array:
 
 class BatchKVCache(_BaseCache):
     """A left-padded key/value cache for decoding several sequences together.
-    
+
     Each row is one sequence, right-aligned in a shared buffer: row b's first `left[b]`
     positions are padding, masked out of attention. Its rotary position is its own length
     (`offset[b]`), so a row decodes exactly as it would alone. Rows join (`extend`) after a
@@ -251,12 +320,17 @@ class BatchKVCache(_BaseCache):
         self.offset = self.idx - self._left  # each row's own position (its RoPE offset)
 
     @classmethod
-    def from_rows(cls, rows: list[tuple[mx.array, mx.array]]) -> "BatchKVCache":
-        """Rows of (keys, values), each (1, H, L_i, D), right-aligned to the longest."""
+    def from_rows(cls, rows: list) -> "BatchKVCache":
+        """Rows of (keys, values) (a single-sequence float cache's `state`), each
+        (1, H, L_i, D), right-aligned to the longest."""
         T = max(k.shape[2] for k, _ in rows)
         keys = mx.concatenate([_pad_left(k, T - k.shape[2]) for k, _ in rows])
         values = mx.concatenate([_pad_left(v, T - v.shape[2]) for _, v in rows])
         return cls(keys, values, [T - k.shape[2] for k, _ in rows])
+
+    @classmethod
+    def from_state(cls, state, meta_state: tuple = ()):
+        return cls(*state, [int(x) for x in meta_state])
 
     @property
     def size(self) -> int:
@@ -265,6 +339,27 @@ class BatchKVCache(_BaseCache):
     @property
     def state(self):
         return [self.keys[..., : self.idx, :], self.values[..., : self.idx, :]]
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values = v
+        self.idx = self.keys.shape[2]
+        self._sync()
+
+    @property
+    def meta_state(self) -> tuple:
+        return tuple(map(str, self.left))
+
+    @meta_state.setter
+    def meta_state(self, v: tuple):
+        self.left = [int(x) for x in v]
+        self._sync()
+
+    def trim(self, n: int) -> int:
+        n = max(0, min(n, self.idx - max(self.left)))  # never into a row's padding
+        self.idx -= n
+        self._sync()
+        return n
 
     def extend(self, other: "BatchKVCache"):
         """Append `other`'s rows; the shorter side is padded on the left."""

@@ -96,7 +96,7 @@ class DecoderLayer(nn.Module):
 
 def attention_mask(L: int, cache):
     # The cache knows what a chunk may see: a rotating one masks beyond its window, a batch
-    # cache (batch_cache.py) each row's left padding. Without one, one new token attends to
+    # cache (BatchKVCache) each row's left padding. Without one, one new token attends to
     # everything before it and a longer chunk needs causality.
     if cache is not None:
         return cache.make_mask(L)

@@ -74,9 +74,7 @@ class Model(nn.Module):
             return embeds
         B, N, C, H, W = pixel_values.shape
         pixels = pixel_values.reshape(B * N, C, H, W)
-        if pixel_attention_mask is None:
-            pixel_attention_mask = mx.ones((B * N, H, W), dtype=mx.bool_)
-        pam = pixel_attention_mask.reshape(B * N, H, W).astype(mx.bool_)
+        pam = None if pixel_attention_mask is None else pixel_attention_mask.reshape(B * N, H, W)
 
         # The one host read per prompt, on inputs that already exist and before the
         # vision tower runs: which images are batch padding (all zeros, dropped as the
@@ -84,25 +82,33 @@ class Model(nn.Module):
         is_image = input_ids == self.config.image_token_id
         real, n_tokens = np.array((pixels != 0).any(axis=(1, 2, 3))), is_image.sum().item()
         real_idx = np.flatnonzero(real)
-        per_image = self.tokens_per_image(H, W)
-        n_rows = len(real_idx) * per_image
-        if n_tokens != n_rows:
-            raise InvalidRequestError(
-                f"input_ids hold {n_tokens} image tokens but the {len(real_idx)} image(s) give "
-                f"{n_rows} feature rows ({per_image} per image): the prompt and "
-                "the pixel values do not belong together"
-            )
-        if n_rows == 0:
+        self.check_image_tokens(n_tokens, len(real_idx), self.tokens_per_image(H, W))
+        if len(real_idx) == 0:
             return embeds
 
         if len(real_idx) < B * N:
             # Only batch padding is dropped: the gather copies every pixel it keeps.
             idx = mx.array(real_idx)
-            pixels, pam = pixels[idx], pam[idx]
+            pixels, pam = pixels[idx], None if pam is None else pam[idx]
         return self.merge_image_features(input_ids, self.encode_images(pixels, pam), embeds)
 
-    def encode_images(self, pixels: mx.array, pixel_attention_mask: mx.array) -> mx.array:
-        """(N, C, H, W) real images and their (N, H, W) masks -> (N, tokens, text hidden)."""
+    @staticmethod
+    def check_image_tokens(n_tokens: int, n_images: int, per_image: int):
+        """Before any image is encoded: the prompt has one `<image>` token per feature row
+        (every path that splices features checks here: generate's and the batch engine's)."""
+        n_rows = n_images * per_image
+        if n_tokens != n_rows:
+            raise InvalidRequestError(
+                f"input_ids hold {n_tokens} image tokens but the {n_images} image(s) give "
+                f"{n_rows} feature rows ({per_image} per image): the prompt and "
+                "the pixel values do not belong together"
+            )
+
+    def encode_images(self, pixels: mx.array, pixel_attention_mask: mx.array | None = None) -> mx.array:
+        """(N, C, H, W) real images and their (N, H, W) masks (None: all pixels real) ->
+        (N, tokens, text hidden)."""
+        if pixel_attention_mask is None:
+            pixel_attention_mask = mx.ones((pixels.shape[0], *pixels.shape[2:]), dtype=mx.bool_)
         pam = pixel_attention_mask.astype(mx.bool_)
         patch_mask = patch_attention_mask(pam, self.config.vision_config.patch_size)
         return self.get_image_features(pixels.transpose(0, 2, 3, 1), patch_mask)
@@ -139,7 +145,7 @@ class Model(nn.Module):
         torch_conv = (v_cfg.num_channels, v_cfg.patch_size, v_cfg.patch_size)
         out = {}
         for k, v in weights.items():
-            k = from_mlx_vlm(k)  # a fixed prefix table (layout.py); our keys pass unchanged
+            k = from_mlx_vlm(k)  # a fixed prefix table (weight_layout.py); our keys pass unchanged
             if "rotary_emb.inv_freq" in k:
                 continue
             if k.startswith("lm_head.") and self.config.tie_word_embeddings:
