@@ -27,7 +27,7 @@ from .tuner.layers import fuse_lora_layers
 DTYPES = ("float16", "bfloat16", "float32")
 
 
-def torch_layout(model, weights: dict) -> dict:
+def torch_layout(weights: dict) -> dict:
     """Our weights with the patch conv back in PyTorch's (out, in, kH, kW), as transformers reads it."""
     key = "model.vision_model.embeddings.patch_embedding.weight"
     if key in weights:
@@ -68,7 +68,7 @@ def fuse(
     if quantize:
         config["quantization"] = with_reader_paths(quantize_model(model, q_bits, q_group_size, recipe))
         config.pop("quantization_config", None)
-    weights = torch_layout(model, dict(tree_flatten(model.parameters())))
+    weights = torch_layout(dict(tree_flatten(model.parameters())))
     out = Path(save_path).expanduser()
     with staged_folder(out, overwrite) as tmp:
         save_weights(tmp, weights)

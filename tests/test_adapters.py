@@ -5,7 +5,6 @@ of the tiny fixtures (unit-scale activations, logits of order 1-10; measured ~4e
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
