@@ -88,13 +88,27 @@ class DraftModel:
         self.model, self.processor, self.num_draft_tokens = model, processor, num_draft_tokens
         self._checked = None
 
-    def begin(self, processor, prompt, images, controls):
-        if self._checked is not processor.tokenizer:
-            if processor.tokenizer.vocab != self.processor.tokenizer.vocab:
+    def check(self, tokenizer):
+        """Refuse (one line) a target whose tokenizer is not the draft's; checked once per tokenizer."""
+        if self._checked is not tokenizer:
+            if tokenizer.vocab != self.processor.tokenizer.vocab:
                 raise InvalidRequestError("the draft model's tokenizer differs from the model's: "
                                           "a draft must share the vocabulary")
-            self._checked = processor.tokenizer
-        inputs = self.processor(prompt, images=images, **controls)
+            self._checked = tokenizer
+
+    def fork(self, num_draft_tokens: int) -> "DraftModel":
+        """A drafter for one more sequence (a batch row): the same weights and processor, its own
+        cache and answer."""
+        d = DraftModel(self.model, self.processor, num_draft_tokens)
+        d._checked = self._checked
+        return d
+
+    def begin(self, processor, prompt, images, controls):
+        self.check(processor.tokenizer)
+        self.start(self.processor(prompt, images=images, **controls))
+
+    def start(self, inputs: dict):
+        """Prefill the draft's cache with its own processor's output for the messages."""
         ids = mx.array(inputs["input_ids"][0])
         embeds = None
         if "pixel_values" in inputs:
