@@ -28,7 +28,7 @@ from .models.cache import (QUANTIZED_KV_START, BatchKVCache, BatchQuantizedKVCac
                            maybe_quantize_kv_cache)
 from .prefix_cache import FeatureCache, PrefixCache
 from .sample_utils import make_logits_processors, make_sampler, sample_next
-from .speculative import Gate, PromptLookup
+from .speculative import DraftModel, Gate, PromptLookup
 from .text_stream import TextStream
 
 log = logging.getLogger(__name__)
@@ -47,15 +47,19 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: off; k: the chosen token's and the k most likely
     skip_special_tokens: bool = True
-    # Speculative decoding by prompt lookup (0: off). Greedy rows without logprobs only;
-    # others decode one token a step.
+    # Speculative decoding (greedy rows without logprobs only; others decode one token a
+    # step): by prompt lookup (0: off), or by the engine's draft model, proposing
+    # `num_draft_tokens` (None: the draft's own count; 0: off).
     prompt_lookup_tokens: int = 0
     ngram_size: int = 3
+    num_draft_tokens: int | None = None
 
     def check(self):
         """Raise InvalidRequestError for values the sampler factories refuse (no MLX arrays made)."""
         make_sampler(self.temperature, self.top_p, self.top_k, self.min_p)
         make_logits_processors(self.repetition_penalty, self.repetition_context_size)
+        if self.prompt_lookup_tokens and self.num_draft_tokens:
+            raise InvalidRequestError("prompt_lookup_tokens and num_draft_tokens exclude each other: pick one")
 
 
 @dataclass
@@ -71,13 +75,13 @@ class Event:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     error: str | None = None
-    draft_tokens: int = 0  # prompt lookup: drafts checked, and of those accepted
+    draft_tokens: int = 0  # speculative decoding: drafts checked, and of those accepted
     accepted_tokens: int = 0
 
 
 class Sequence:
     def __init__(self, inputs: dict, params: SamplingParams, on_event: Callable, tokenizer,
-                 partition: bytes = b""):
+                 partition: bytes = b"", drafter: DraftModel | None = None, draft_inputs: dict | None = None):
         self.inputs = inputs
         self.partition = partition  # cache partition (tenant, cache_salt): reuse only within it
         self.ids = np.asarray(inputs["input_ids"])[0].tolist()
@@ -89,9 +93,11 @@ class Sequence:
         self.generated: list[int] = []
         self.cached = 0
         self.done = self.cancelled = False
-        self.lookup = self.gate = None
+        self.drafter, self.draft_inputs, self.gate = drafter, draft_inputs, None
         if params.prompt_lookup_tokens and params.temperature == 0 and params.logprobs is None:
-            self.lookup, self.gate = PromptLookup(params.prompt_lookup_tokens, params.ngram_size), Gate()
+            self.drafter = PromptLookup(params.prompt_lookup_tokens, params.ngram_size)
+        if self.drafter is not None:
+            self.gate = Gate()
         self.drafted = self.accepted = 0
 
     def push(self, token: int, logprob: float | None = None, top=None):
@@ -101,11 +107,12 @@ class Sequence:
         self.on_event(Event(text, token, len(self.ids), self.text.n, self.cached, finish, logprob, top,
                             draft_tokens=self.drafted, accepted_tokens=self.accepted))
 
-    def drafts(self) -> list[int]:
-        if self.lookup is None or not self.gate.open():
+    def drafts(self) -> list[int] | mx.array:
+        """This row's drafts: a list (prompt lookup) or a lazy array (a draft model's steps)."""
+        if self.drafter is None or not self.gate.open():
             return []
-        k = min(self.lookup.num_draft_tokens, self.params.max_tokens - self.text.n - 1)
-        return self.lookup.propose(self.ids + self.generated, len(self.ids), k, None)[0] if k > 0 else []
+        k = min(self.drafter.num_draft_tokens, self.params.max_tokens - self.text.n - 1)
+        return self.drafter.propose(self.ids + self.generated, len(self.ids), k, None)[0] if k > 0 else []
 
     def fail(self, message: str):
         self.done = True
@@ -116,13 +123,18 @@ class BatchEngine:
     """Admits sequences (any thread: `add`, `cancel`) and advances them all (`step`, on one thread)."""
 
     def __init__(self, model, processor, max_batch: int = 16, prefill_step_size: int = 512,
-                 feature_cache_tiles: int = 64, prefix_cache_bytes: int = 1 << 30, kv_bits: int | None = None,
-                 kv_group_size: int = 64, quantized_kv_start: int = QUANTIZED_KV_START):
-        """`kv_bits`, `kv_group_size`, `quantized_kv_start`: generate_step's, for a prompt's
+                 feature_cache_tiles: int = 64, prefix_cache_bytes: int = 1 << 30,
+                 draft: DraftModel | None = None, kv_bits: int | None = None, kv_group_size: int = 64,
+                 quantized_kv_start: int = QUANTIZED_KV_START):
+        """`draft`: a smaller model of the same tokenizer (refused otherwise) that greedy rows
+        may draft with; each such row gets its own copy of it (`DraftModel.fork`).
+        `kv_bits`, `kv_group_size`, `quantized_kv_start`: generate_step's, for a prompt's
         prefill; the batch quantizes all its rows once its buffer holds `quantized_kv_start`
         positions (its longest row), so a shorter row is quantized sooner than it would be alone."""
         check_kv_options(kv_bits, kv_group_size, None)
-        self.model, self.processor = model, processor
+        if draft is not None:
+            draft.check(processor.tokenizer)
+        self.model, self.processor, self.draft = model, processor, draft
         self.kv_bits, self.kv_group_size, self.quantized_kv_start = kv_bits, kv_group_size, quantized_kv_start
         self.max_batch, self.prefill_step_size = max_batch, prefill_step_size
         self.features = FeatureCache(feature_cache_tiles)
@@ -135,16 +147,35 @@ class BatchEngine:
         self._pending: deque[Sequence] = deque()
         self._lock = threading.Lock()
 
-    def add(self, inputs: dict, params: SamplingParams, on_event: Callable, partition: bytes = b"") -> Sequence:
+    def draft_tokens(self, params: SamplingParams) -> int:
+        """Tokens the draft model proposes per step for a sequence of `params`; 0: it does not
+        use it. Raises InvalidRequestError when `params` ask for a draft model there is not."""
+        params.check()
+        k = params.num_draft_tokens
+        if k is None:
+            k = 0 if self.draft is None else self.draft.num_draft_tokens
+        if k and self.draft is None:
+            raise InvalidRequestError("num_draft_tokens needs a draft model (the server's --draft-model)")
+        greedy = params.temperature == 0 and params.logprobs is None
+        return k if greedy and not params.prompt_lookup_tokens else 0
+
+    def add(self, inputs: dict, params: SamplingParams, on_event: Callable, partition: bytes = b"",
+            draft_inputs: dict | None = None) -> Sequence:
         """Queue a prompt (processor output); raises InvalidRequestError if it cannot fit. Cached
         prompts and image features are shared only between sequences of one `partition`.
-        `max_tokens` beyond the context left after the prompt is cut to it (finish_reason "length")."""
+        `max_tokens` beyond the context left after the prompt is cut to it (finish_reason "length").
+        `draft_inputs`: the draft model's processor output for the same messages, needed when
+        `draft_tokens(params)` > 0."""
         n = np.asarray(inputs["input_ids"]).shape[-1]
         if params.max_tokens >= 1:
             params = replace(params, max_tokens=clip_max_tokens(self.model, n, params.max_tokens))
         check_length(self.model, n, params.max_tokens)
-        params.check()
-        seq = Sequence(inputs, params, on_event, self.processor.tokenizer, partition)
+        k = self.draft_tokens(params)
+        if k and draft_inputs is None:
+            raise InvalidRequestError("drafting with the draft model needs its processor's output (draft_inputs)")
+        drafter = self.draft.fork(k) if k else None
+        seq = Sequence(inputs, params, on_event, self.processor.tokenizer, partition, drafter,
+                       draft_inputs if k else None)
         with self._lock:
             self._pending.append(seq)
         return seq
@@ -171,11 +202,13 @@ class BatchEngine:
         self._drop_done()
         try:
             queued, drafts = None, []
-            if any(s.lookup is not None for s in self.active):
+            if any(s.drafter is not None for s in self.active):
                 self._emit()  # drafts continue what each row has handed out: all of it
                 self.y, self.info = None, []
                 self._drop_done()
                 drafts = [s.drafts() for s in self.active]
+                mx.eval([d for d in drafts if isinstance(d, mx.array)])  # the draft models' steps, together
+                drafts = [d.tolist() if isinstance(d, mx.array) else d for d in drafts]
             if drafts and max(map(len, drafts)):
                 self._decode_drafts(drafts, max(map(len, drafts)))
             elif self.active:
@@ -252,7 +285,7 @@ class BatchEngine:
         logits = self.model(input_ids=x, cache=self.cache)
         choice = mx.argmax(logits, axis=-1)  # (B, K + 1)
         # Rows that do not draft (sampling, logprobs) take position 0 as a plain step does.
-        plain = [i for i, s in enumerate(self.active) if s.lookup is None]
+        plain = [i for i, s in enumerate(self.active) if s.drafter is None]
         if plain:
             idx = mx.array(plain)
             tokens, info = self._sample([self.active[i] for i in plain], logits[idx, 0], None)
@@ -266,6 +299,8 @@ class BatchEngine:
             if i in plain:
                 continue
             s.drafted, s.accepted = s.drafted + len(d), s.accepted + n
+            if d:
+                s.drafter.accepted(d)  # a draft model rewinds its cache to what was kept
             s.gate.update(len(d), n, time.perf_counter() - tic)
             for t in d[:n] + [choice[i][n]]:
                 if not s.done:
@@ -375,6 +410,11 @@ class BatchEngine:
         mx.eval(token, [x for x in info if x is not None], [c.state for c in cache.layers])
         cache.tokens, cache.tiles = ids, tiles
         self.prefixes.store(cache, seq.partition)
+        if seq.draft_inputs is not None:
+            yield  # the draft model's prefill of its own prompt: one more unit
+            seq.drafter.start(seq.draft_inputs)
+            mx.eval([c.state for c in seq.drafter.cache])
+            seq.draft_inputs = None
         return cache.layers, token, info[0]
 
     def _drop_done(self):
@@ -395,13 +435,15 @@ class BatchEngine:
 def batch_generate(model, processor, prompts: list, images: list | None = None, *,
                    max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                    stop: list[str] | None = None, max_batch: int = 16, prompt_lookup_tokens: int = 0,
-                   ngram_size: int = 3, **controls) -> list[str]:
+                   ngram_size: int = 3, draft: DraftModel | None = None, **controls) -> list[str]:
     """Generate for many prompts at once (chat messages or strings, with `images[i]` for a
     string prompt); returns the texts in prompt order. Sequences decode together in one
     batch of up to `max_batch`, and a finished one makes room for the next.
     `prompt_lookup_tokens` > 0 drafts that many tokens per greedy row by n-gram lookup
-    (speculative.PromptLookup); the texts are the same."""
-    engine = BatchEngine(model, processor, max_batch=max_batch)
+    (speculative.PromptLookup); `draft` (speculative.DraftModel) drafts its `num_draft_tokens`
+    per greedy row with a smaller model, each row through the draft's own processor and cache.
+    The texts are the same."""
+    engine = BatchEngine(model, processor, max_batch=max_batch, draft=draft)
     params = SamplingParams(max_tokens, temperature, top_p, stop=list(stop or []),
                             prompt_lookup_tokens=prompt_lookup_tokens, ngram_size=ngram_size)
     texts, errors = [""] * len(prompts), {}
@@ -415,8 +457,10 @@ def batch_generate(model, processor, prompts: list, images: list | None = None, 
         return on_event
 
     for i, p in enumerate(prompts):
-        inputs = processor(p, images=images[i] if images else None, **controls)
-        engine.add(inputs, params, collect(i))
+        im = images[i] if images else None
+        inputs = processor(p, images=im, **controls)
+        draft_inputs = draft.processor(p, images=im, **controls) if engine.draft_tokens(params) else None
+        engine.add(inputs, params, collect(i), draft_inputs=draft_inputs)
     while engine.busy:
         engine.step()
     if errors:

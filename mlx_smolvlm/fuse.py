@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .convert.compat import explicit_config, with_reader_paths
+from .convert.compat import explicit_config, untie_head, with_reader_paths
 from .convert.recipes import BITS, GROUP_SIZES, RECIPES, check_args, quantize_model
 from .convert.save import copy_assets, save_weights, staged_folder, write_json
 from .errors import ConvertError, SmolVLMError
@@ -27,7 +27,7 @@ from .tuner.layers import fuse_lora_layers
 DTYPES = ("float16", "bfloat16", "float32")
 
 
-def torch_layout(model, weights: dict) -> dict:
+def torch_layout(weights: dict) -> dict:
     """Our weights with the patch conv back in PyTorch's (out, in, kH, kW), as transformers reads it."""
     key = "model.vision_model.embeddings.patch_embedding.weight"
     if key in weights:
@@ -65,10 +65,16 @@ def fuse(
         dequantize_model(model, dtype=getattr(mx, dtype or "float32"))  # layers without an adapter too
         config.pop("quantization", None)
         config.pop("quantization_config", None)
+    quantization = quantize_model(model, q_bits, q_group_size, recipe) if quantize else None
+    weights = dict(tree_flatten(model.parameters()))
+    if model.config.tie_word_embeddings and "text_config" in config and (quantize or "quantization" not in config):
+        # As the converter does: mlx-vlm needs the head as its own weight. (A kept quantized base
+        # is read by MLX readers only, from its own config's quantization: left as it is.)
+        untie_head(weights, config, quantization)
     if quantize:
-        config["quantization"] = with_reader_paths(quantize_model(model, q_bits, q_group_size, recipe))
+        config["quantization"] = with_reader_paths(quantization)
         config.pop("quantization_config", None)
-    weights = torch_layout(model, dict(tree_flatten(model.parameters())))
+    weights = torch_layout(weights)
     out = Path(save_path).expanduser()
     with staged_folder(out, overwrite) as tmp:
         save_weights(tmp, weights)

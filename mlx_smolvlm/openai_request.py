@@ -150,9 +150,11 @@ def sampling_params(body: dict, limits: Limits) -> SamplingParams:
         stop=stop,
         logprobs=top if logprobs else None,
         skip_special_tokens=skip,
-        # Our extension: speculative decoding by prompt lookup for this request (greedy rows).
+        # Our extensions: speculative decoding for this request (greedy rows), by prompt lookup
+        # or by the server's --draft-model (absent: its --num-draft-tokens; 0: off).
         prompt_lookup_tokens=_number(body, "prompt_lookup_tokens", 0, 0, 64, int),
         ngram_size=_number(body, "ngram_size", 3, 1, 16, int),
+        num_draft_tokens=_number(body, "num_draft_tokens", None, 0, 64, int),
     )
 
 

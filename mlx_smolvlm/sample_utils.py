@@ -85,6 +85,7 @@ def make_sampler(
         key, k = mx.random.split(key)
         return draw(logprobs, key=k)
 
+    sample.draw, sample.seed = draw, seed  # what speculative decoding's acceptance rule needs
     return sample
 
 

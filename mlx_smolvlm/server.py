@@ -56,9 +56,10 @@ class EngineThread:
         self._wake.set()
         self._thread.join(timeout=10)
 
-    def submit(self, inputs: dict, params, partition: bytes = b"") -> tuple:
+    def submit(self, inputs: dict, params, partition: bytes = b"", draft_inputs: dict | None = None) -> tuple:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        seq = self.engine.add(inputs, params, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e), partition)
+        seq = self.engine.add(inputs, params, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e), partition,
+                              draft_inputs)
         self._wake.set()
         return seq, queue
 
@@ -81,7 +82,7 @@ def _usage(e: Event) -> dict:
         "total_tokens": e.prompt_tokens + e.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": e.cached_tokens},
     }
-    if e.draft_tokens:  # prompt lookup: OpenAI's fields for predicted tokens kept and dropped
+    if e.draft_tokens:  # speculative decoding: OpenAI's fields for predicted tokens kept and dropped
         usage["completion_tokens_details"] = {
             "accepted_prediction_tokens": e.accepted_tokens,
             "rejected_prediction_tokens": e.draft_tokens - e.accepted_tokens,
@@ -231,13 +232,20 @@ def create_app(engine: BatchEngine, model_id: str, limits: Limits | None = None,
             async with admission.decoding:  # decoded media of only a few requests held at once
                 await req.decode(limits, admission.run)
                 try:
+                    drafting = engine.draft_tokens(req.params)
+                except USER_FAULTS as e:  # num_draft_tokens without --draft-model, or with prompt lookup
+                    raise RequestError(str(e), "num_draft_tokens") from None
+                try:
                     inputs = await admission.run(engine.processor, req.messages, **controls)
+                    # The draft model reads the messages through its own processor (its tiling).
+                    draft_inputs = (await admission.run(engine.draft.processor, req.messages, **controls)
+                                    if drafting else None)
                 except USER_FAULTS as e:  # media the model cannot take
                     raise RequestError(req.scrub(str(e)), "messages") from None
                 req.messages = None  # the decoded images: inputs hold their pixels now
                 await admission.run(release_heap)
             try:
-                seq, queue = runner.submit(inputs, req.params, partition(tenant, req.cache_salt))
+                seq, queue = runner.submit(inputs, req.params, partition(tenant, req.cache_salt), draft_inputs)
             except USER_FAULTS as e:  # a prompt beyond the context
                 raise RequestError(str(e), "messages") from None
             head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
@@ -333,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     p.add_argument("--prefill-step-size", type=int, default=512)
+    p.add_argument("--draft-model", metavar="PATH",
+                   help="a smaller model with the same tokenizer drafting for greedy requests (speculative decoding)")
+    p.add_argument("--num-draft-tokens", type=int, default=3,
+                   help="tokens the draft model proposes per step (a request's num_draft_tokens overrides it)")
     p.add_argument("--feature-cache-tiles", type=int, default=64, help="image tiles whose features are kept")
     p.add_argument("--prefix-cache-bytes", type=int, default=1 << 30,
                    help="bytes of recent prompts' KV kept for reuse (0: off)")
@@ -383,6 +395,7 @@ def main(argv=None):
     from .errors import SmolVLMError
     from .generate import load
     from .http_guard import guarded_protocol
+    from .speculative import DraftModel
 
     args = build_parser().parse_args(argv)
     env_key = os.environ.get("MLX_SMOLVLM_API_KEY")
@@ -392,14 +405,16 @@ def main(argv=None):
     dtype = getattr(mx, args.dtype) if args.dtype else None
     try:
         model, processor = load(args.model, dtype=dtype, adapter_path=args.adapter_path)
+        # Loaded once; BatchEngine refuses one whose tokenizer differs.
+        draft = DraftModel(*load(args.draft_model, dtype=dtype), args.num_draft_tokens) if args.draft_model else None
+        engine = BatchEngine(model, processor, max_batch=args.max_batch,
+                             prefill_step_size=args.prefill_step_size,
+                             feature_cache_tiles=args.feature_cache_tiles,
+                             prefix_cache_bytes=args.prefix_cache_bytes, draft=draft, kv_bits=args.kv_bits,
+                             kv_group_size=args.kv_group_size, quantized_kv_start=args.quantized_kv_start)
     except (SmolVLMError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    engine = BatchEngine(model, processor, max_batch=args.max_batch,
-                         prefill_step_size=args.prefill_step_size,
-                         feature_cache_tiles=args.feature_cache_tiles,
-                         prefix_cache_bytes=args.prefix_cache_bytes, kv_bits=args.kv_bits,
-                         kv_group_size=args.kv_group_size, quantized_kv_start=args.quantized_kv_start)
     domains = tuple(h.lower().rstrip(".") for h in args.allowed_media_domains) if args.allowed_media_domains else None
     limits = Limits(
         max_request_bytes=args.max_request_bytes, max_images=args.max_images,

@@ -35,14 +35,18 @@ class SpeculativeStats:
     accepted: int = 0  # of those, kept
 
 
-def target_distribution(sampler: Callable | None) -> Callable | None:
-    """None when `sampler` is greedy; else logprobs (N, V) -> the log-probabilities it draws
-    from (after temperature and filters), which the acceptance rule needs."""
+def target_distribution(sampler: Callable | None) -> tuple[Callable | None, mx.array | None]:
+    """(None, None) when `sampler` is greedy; else (logprobs (N, V) -> the log-probabilities
+    it draws from, after temperature and filters, as the acceptance rule needs; the random key
+    of a seeded sampler, so a seeded run repeats, or None for MLX's global generator)."""
     if sampler is None or sampler is greedy:
-        return None
-    if isinstance(sampler, partial) and sampler.func is categorical:
-        f = partial(filtered_logits, **sampler.keywords)
-        return lambda lp: (x := f(lp)) - mx.logsumexp(x, axis=-1, keepdims=True)
+        return None, None
+    draw = getattr(sampler, "draw", sampler)
+    if isinstance(draw, partial) and draw.func is categorical:
+        f = partial(filtered_logits, **draw.keywords)
+        seed = getattr(sampler, "seed", None)
+        return (lambda lp: (x := f(lp)) - mx.logsumexp(x, axis=-1, keepdims=True),
+                None if seed is None else mx.random.key(seed))
     raise InvalidRequestError("speculative decoding needs a sampler made by make_sampler")
 
 
@@ -63,7 +67,7 @@ class PromptLookup:
     def accepted(self, drafts: list[int]):
         pass
 
-    def propose(self, context: list[int], n_prompt: int, k: int, dist) -> tuple[list[int], None]:
+    def propose(self, context: list[int], n_prompt: int, k: int, dist, key=None) -> tuple[list[int], None]:
         L = len(context)
         for n in range(min(self.ngram_size, L - 1), 0, -1):
             tail = context[-n:]
@@ -84,13 +88,27 @@ class DraftModel:
         self.model, self.processor, self.num_draft_tokens = model, processor, num_draft_tokens
         self._checked = None
 
-    def begin(self, processor, prompt, images, controls):
-        if self._checked is not processor.tokenizer:
-            if processor.tokenizer.vocab != self.processor.tokenizer.vocab:
+    def check(self, tokenizer):
+        """Refuse (one line) a target whose tokenizer is not the draft's; checked once per tokenizer."""
+        if self._checked is not tokenizer:
+            if tokenizer.vocab != self.processor.tokenizer.vocab:
                 raise InvalidRequestError("the draft model's tokenizer differs from the model's: "
                                           "a draft must share the vocabulary")
-            self._checked = processor.tokenizer
-        inputs = self.processor(prompt, images=images, **controls)
+            self._checked = tokenizer
+
+    def fork(self, num_draft_tokens: int) -> "DraftModel":
+        """A drafter for one more sequence (a batch row): the same weights and processor, its own
+        cache and answer."""
+        d = DraftModel(self.model, self.processor, num_draft_tokens)
+        d._checked = self._checked
+        return d
+
+    def begin(self, processor, prompt, images, controls):
+        self.check(processor.tokenizer)
+        self.start(self.processor(prompt, images=images, **controls))
+
+    def start(self, inputs: dict):
+        """Prefill the draft's cache with its own processor's output for the messages."""
         ids = mx.array(inputs["input_ids"][0])
         embeds = None
         if "pixel_values" in inputs:
@@ -101,7 +119,7 @@ class DraftModel:
         self.model(**run(prefill_chunks(self.model, ids, embeds, self.cache, 512)), cache=self.cache)
         self.fed: list[int] = []  # answer tokens in the draft's cache after its own prompt
 
-    def propose(self, context: list[int], n_prompt: int, k: int, dist) -> tuple[mx.array, mx.array | None]:
+    def propose(self, context: list[int], n_prompt: int, k: int, dist, key=None) -> tuple[mx.array, mx.array | None]:
         answer = context[n_prompt:]
         n = 0
         while n < min(len(self.fed), len(answer)) and self.fed[n] == answer[n]:
@@ -110,6 +128,7 @@ class DraftModel:
             c.trim(len(self.fed) - n)
         x = mx.array(answer[n:])[None]
         drafts, qs = [], []
+        keys = [None] * k if key is None else mx.random.split(key, k)
         for i in range(k):  # one lazy graph: evaluated with the target's verify
             lp = self.model(input_ids=x, cache=self.cache)[:, -1]
             lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
@@ -117,7 +136,7 @@ class DraftModel:
                 t = mx.argmax(lp, axis=-1)
             else:
                 q = dist(lp)
-                t = mx.random.categorical(q, axis=-1)
+                t = mx.random.categorical(q, axis=-1, key=keys[i])
                 qs.append(q)
             drafts.append(t)
             x = t[None]
@@ -176,19 +195,20 @@ class Gate:
             self.pause = 4
 
 
-def accept_sampled(logprobs: mx.array, drafts: list[int], q: mx.array | None) -> list[int]:
+def accept_sampled(logprobs: mx.array, drafts: list[int], q: mx.array | None, key=None) -> list[int]:
     """The standard speculative acceptance rule. `logprobs` (k + 1, V): the target's (filtered)
     log-probabilities after each prefix of the drafts; `q` (k, V): the draft's, None for a
     deterministic draft (prompt lookup: q is one-hot). Draft i is kept with probability
     min(1, p_i(d) / q_i(d)); at the first rejection the token is drawn from max(p_i - q_i, 0),
     renormalised; if all are kept, one more comes from p_k. The output is distributed as p."""
     k = len(drafts)
+    k1, k2 = (None, None) if key is None else mx.random.split(key)
     p = mx.exp(logprobs)
     if k:
         d = mx.array(drafts)
         pd = mx.take_along_axis(p[:k], d[:, None], axis=-1)[:, 0]
         qd = mx.ones_like(pd) if q is None else mx.take_along_axis(mx.exp(q), d[:, None], axis=-1)[:, 0]
-        keep = (mx.random.uniform(shape=(k,)) < pd / qd).tolist()
+        keep = (mx.random.uniform(shape=(k,), key=k1) < pd / qd).tolist()
         n = keep.index(False) if False in keep else k
     else:
         n = 0
@@ -200,7 +220,7 @@ def accept_sampled(logprobs: mx.array, drafts: list[int], q: mx.array | None) ->
             row = mx.maximum(row - mx.exp(q[n]), 0.0)
         # p == q exactly leaves nothing: then p itself is the right law.
         row = mx.where(row.sum() > 0, row, p[n])
-    token = mx.random.categorical(mx.log(row)).item()
+    token = mx.random.categorical(mx.log(row), key=k2).item()
     return drafts[:n] + [token]
 
 
@@ -210,7 +230,15 @@ def speculative_steps(prompt: mx.array, model, drafter, cache: list, quantize: C
     """generate_step's loop with drafts (generate_step(drafter=...) calls it after its checks):
     the same (token, logprobs) pairs (greedy: the same tokens), several per forward when
     drafts are accepted. `drafter` is a PromptLookup or DraftModel after its `begin`."""
-    dist = target_distribution(sampler)
+    dist, key = target_distribution(sampler)
+
+    def next_key():  # a seeded sampler's own key, split per use; None: the global generator
+        nonlocal key
+        if key is None:
+            return None
+        key, k = mx.random.split(key)
+        return k
+
     sampler = sampler or greedy
     processors = logits_processors or []
     gate = Gate()
@@ -244,7 +272,7 @@ def speculative_steps(prompt: mx.array, model, drafter, cache: list, quantize: C
             k = min(drafter.num_draft_tokens, left - 1, room(cache, kv_bits, quantized_kv_start) - 1)
             drafts, q, tic = [], None, time.perf_counter()
             if k > 0 and gate.open():
-                drafts, q = drafter.propose(context, n_prompt, k, dist)
+                drafts, q = drafter.propose(context, n_prompt, k, dist, next_key() if dist else None)
             d_arr = mx.array(drafts) if isinstance(drafts, list) else drafts
             x = mx.concatenate([mx.array([y]), d_arr.astype(mx.int32)]) if d_arr.size else mx.array([y])
             lp = logprobs_of(model(input_ids=x[None], cache=cache)[0], d_arr)
@@ -258,7 +286,7 @@ def speculative_steps(prompt: mx.array, model, drafter, cache: list, quantize: C
                 out = drafts[:n] + [t[n]]
             else:
                 drafts = d_arr.tolist()
-                out = accept_sampled(dist(lp), drafts, q)
+                out = accept_sampled(dist(lp), drafts, q, next_key())
             n = len(out) - 1
             for c in cache:
                 c.trim(len(drafts) - n)

@@ -38,8 +38,9 @@ def config(text_cfg, vision_layers: int = 1, tile: int = TILE, tied: bool = True
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings")}
     text.update(vocab_size=VOCAB, rope_theta=text_cfg.rope_parameters["rope_theta"], model_type="llama")
-    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=vision_layers,
-                  num_attention_heads=12, patch_size=PATCH, image_size=tile)
+    # model_type as transformers writes it: mlx-vlm's loader requires it
+    vision = dict(model_type="idefics3_vision", hidden_size=768, intermediate_size=3072,
+                  num_hidden_layers=vision_layers, num_attention_heads=12, patch_size=PATCH, image_size=tile)
     return dict(architectures=["Idefics3ForConditionalGeneration"], model_type="idefics3",
                 scale_factor=SCALE, image_token_id=IMAGE_TOKEN_ID, tie_word_embeddings=tied,
                 vision_config=vision, text_config=text)

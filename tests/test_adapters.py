@@ -124,20 +124,32 @@ def test_our_loader_reads_a_peft_adapter_with_the_same_logits(tmp_path, kind):
     report(f"ours on a PEFT {kind} adapter vs PEFT", np.abs(logits(ours) - theirs).max())
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora"])
-def test_fused_folder_loads_everywhere_with_the_same_logits(tmp_path, kind):
+def tied_fixture(dest: Path) -> Path:
+    """tiny-idefics3 with its head tied to the embeddings, as SmolLM2's decoders are."""
+    shutil.copytree(FIXTURE, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+@pytest.mark.parametrize("kind,tied", [("lora", False), ("dora", False), ("lora", True)])
+def test_fused_folder_loads_everywhere_with_the_same_logits(tmp_path, kind, tied):
     vlm_utils = pytest.importorskip("mlx_vlm.utils")
-    model, config = adapted(kind)
+    base = tied_fixture(tmp_path / "tied") if tied else FIXTURE
+    model, config = adapted(kind, base=base)
     save_adapters(model, tmp_path / "adapter", config)
     ref = logits(model)
-    out = fuse(str(FIXTURE), tmp_path / "adapter", tmp_path / "fused")
+    out = fuse(str(base), tmp_path / "adapter", tmp_path / "fused")
+    if tied:  # mlx-vlm needs the head as its own weight (as the converter writes it)
+        assert not json.loads((out / "config.json").read_text())["tie_word_embeddings"]
     report(f"fused {kind}, our loader", np.abs(logits(load_model(out)) - ref).max())
     report(f"fused {kind}, transformers", np.abs(transformers_logits(out) - ref).max())
     theirs = vlm_utils.load_model(out)(mx.array(IDS), mx.array(pixels(model.config))).logits
     report(f"fused {kind}, mlx-vlm", np.abs(np.array(theirs) - ref).max())
     # 8 bits through our converter, or directly: the same quantization of the same weights.
     q8 = convert(str(out), tmp_path / "q8", quantize=True, q_bits=8, q_group_size=32, evaluate=False)
-    direct = fuse(str(FIXTURE), tmp_path / "adapter", tmp_path / "direct", quantize=True, q_bits=8, q_group_size=32)
+    direct = fuse(str(base), tmp_path / "adapter", tmp_path / "direct", quantize=True, q_bits=8, q_group_size=32)
     assert np.array_equal(logits(load_model(q8)), logits(load_model(direct)))
     prompts = [dict(input_ids=mx.array(IDS[:, :6])), image_prompt(model.config)]
     q = agreement(all_logits(load_model(out), prompts), all_logits(load_model(q8), prompts))

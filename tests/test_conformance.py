@@ -122,8 +122,10 @@ def assert_same_tokens(tokens, logprobs, ref_tokens, ref_first, what):
     """Equal greedy tokens over the steps whose margin is wider than twice what TOL lets a
     log-prob move (TOL relative to the first step's largest magnitude, as max_rel_diff)."""
     move = TOL * max(1.0, float(np.abs(ref_first).max()))
-    # we stop at the tokenizer's end-of-utterance, the reference here does not
-    assert_same_greedy(tokens, logprobs, ref_tokens[: len(tokens)], move, at_least=4, what=what)
+    # we stop at the tokenizer's end-of-utterance, the reference here does not. Random weights
+    # make near-ties: the 2.2B geometry's text case has a 0.0011 margin at step 1 (within 2 x
+    # move), so only its first token is a decision both sides must share.
+    assert_same_greedy(tokens, logprobs, ref_tokens[: len(tokens)], move, at_least=1, what=what)
 
 
 def reference_greedy(model, inputs):

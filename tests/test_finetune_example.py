@@ -32,4 +32,4 @@ def test_finetune_example_learns_through_the_image(tmp_path):
     assert r["adapter"] == r["expected"], r["adapter"]
     assert r["fused"] == r["expected"] and r["8bit"] == r["expected"], (r["fused"], r["8bit"])
     assert r["losses"][-1] < r["losses"][0] / 10
-    assert (figures / "finetune_loss.png").is_file()
+    assert (figures / "finetune_cards" / "loss.png").is_file()

@@ -6,6 +6,8 @@ tokens, logprobs, stop strings, special tokens kept on request, every limit answ
 import base64
 import io
 import json
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -348,6 +350,47 @@ def test_prompt_lookup_per_request(client, solo, sample_images):
     assert drafted > 0
     with pytest.raises(openai.BadRequestError, match="prompt_lookup_tokens"):
         client.chat.completions.create(model="m", messages=ask("x"), extra_body={"prompt_lookup_tokens": -1})
+    with pytest.raises(openai.BadRequestError, match="--draft-model"):  # this server has no draft
+        client.chat.completions.create(model="m", messages=ask("x"), extra_body={"num_draft_tokens": 2})
+
+
+def test_draft_model_server(tiny_idefics3, solo, sample_images, tmp_path):
+    """--draft-model: loaded once, used by greedy requests unless they set num_draft_tokens
+    to 0; the same answers (text and image prompts, concurrently), drafts reported in usage.
+    The model drafting for itself agrees with itself, so drafts are accepted."""
+    args = ["--draft-model", str(tiny_idefics3), "--num-draft-tokens", "3"]
+    with serve(tiny_idefics3, tmp_path / "server.log", *args) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        requests = good_requests(sample_images)[:4]
+
+        def one(i):
+            extra = [{}, {"num_draft_tokens": 5}, {"num_draft_tokens": 0}, {}][i]
+            return client.chat.completions.create(model="m", messages=requests[i], max_tokens=MAX_TOKENS,
+                                                  extra_body=extra)
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(one, range(4)))
+        for i, r in enumerate(results):
+            assert r.choices[0].message.content == solo(requests[i])
+            details = r.usage.completion_tokens_details
+            print(i, details)
+            if i == 2:  # drafting off for this request
+                assert details is None or not details.accepted_prediction_tokens
+            else:
+                assert details.accepted_prediction_tokens > 0
+        for extra, param in (({"num_draft_tokens": 65}, "num_draft_tokens"),
+                             ({"num_draft_tokens": 2, "prompt_lookup_tokens": 2}, "exclude each other")):
+            with pytest.raises(openai.BadRequestError, match=param):
+                client.chat.completions.create(model="m", messages=ask("x"), extra_body=extra)
+
+
+def test_draft_model_with_another_tokenizer_is_refused(tiny_idefics3):
+    """The real SmolLM2-135M GGUF's tokenizer is not the tiny checkpoint's: refused at start, one line."""
+    cmd = [sys.executable, "-m", "mlx_smolvlm.server", "--model", str(tiny_idefics3), "--draft-model",
+           str(gguf_path()), "--port", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "tokenizer differs" in r.stderr, r.stderr
 
 
 def test_quantized_kv_server_answers_as_quantized_solo(tmp_path_factory):

@@ -226,13 +226,17 @@ def test_seeded_sampling_repeats(models, images):
     model, processor = models["tiny-idefics3"]
     msgs = messages("image", images)
 
-    def run(draft):
-        mx.random.seed(7)
+    def run(draft, seed=None):
+        if seed is None:
+            mx.random.seed(7)  # MLX's global generator
+        else:
+            mx.random.seed(np.random.randint(1 << 30))  # the sampler's own key must decide alone
         return tokens(stream_generate(model, processor, msgs, max_tokens=20, draft=draft,
-                                      sampler=make_sampler(0.8, top_p=0.9)))
+                                      sampler=make_sampler(0.8, top_p=0.9, seed=seed)))
 
     for d in (PromptLookup(5, 2), DraftModel(*models["tiny-smolvlm"], 3)):
         assert run(d) == run(d)
+        assert run(d, seed=3) == run(d, seed=3)
 
 
 def test_a_draft_with_another_tokenizer_is_refused(models, images):
@@ -298,3 +302,83 @@ def test_batch_cache_trim_rows_is_each_rows_trim():
         L = r.shape[2]
         assert mx.array_equal(keys[b : b + 1, :, -L:], r) and mx.array_equal(values[b : b + 1, :, -L:], r * 2)
     assert min(cache.left) == 0  # columns that are padding in every row are gone
+
+
+
+def batch_prompts(images):
+    # Images and text, prompts of different lengths: rows of different offsets in one batch.
+    return [messages("image", images), messages("text", images), [user("Hi")],
+            [user("Describe.", [images["square.png"]])]]
+
+
+def solo_texts(model, processor, prompts):
+    """Plain greedy texts, each run's margins checked first."""
+    texts = []
+    for p in prompts:
+        plain = list(stream_generate(model, processor, p, max_tokens=MAX_TOKENS))
+        check_margins(plain)
+        texts.append("".join(r.text for r in plain))
+    return texts
+
+
+def batch_run(model, processor, prompts, draft):
+    """(texts, each row's last event, each row's Sequence) from one BatchEngine with `draft`."""
+    engine, last, texts = BatchEngine(model, processor, draft=draft), {}, [""] * len(prompts)
+
+    def on_event(i, e):
+        texts[i] += e.text
+        last[i] = e
+
+    seqs = [engine.add(processor(p), SamplingParams(MAX_TOKENS), lambda e, i=i: on_event(i, e),
+                       draft_inputs=draft.processor(p)) for i, p in enumerate(prompts)]
+    while engine.busy:
+        engine.step()
+    return texts, [last[i] for i in range(len(prompts))], seqs
+
+
+def test_batch_draft_model_equals_plain(models, images):
+    """batch_generate(draft=): the other tiny model drafts for each row through its own
+    processor (4 vs 9 image tokens per tile, other tilings) and cache; texts are plain's."""
+    model, processor = models["tiny-smolvlm"]
+    prompts = batch_prompts(images)
+    solo = solo_texts(model, processor, prompts)
+    assert batch_generate(model, processor, prompts, max_tokens=MAX_TOKENS,
+                          draft=DraftModel(*models["tiny-idefics3"], 3)) == solo
+    draft, dp = models["tiny-idefics3"]
+    texts, last, seqs = batch_run(model, processor, prompts, DraftModel(draft, dp, 3))
+    print("drafted per row:", [e.draft_tokens for e in last], "accepted:", [e.accepted_tokens for e in last])
+    assert texts == solo
+    assert all(e.draft_tokens > 0 for e in last)
+    for p, s in zip(prompts, seqs):  # the draft's cache: its own prompt, then the answer it was fed
+        n_draft, n_target = len(dp(p)["input_ids"][0]), len(s.ids)
+        assert s.drafter.cache[0].offset == n_draft + len(s.drafter.fed)
+        assert (n_draft != n_target) == (p[0]["content"][0]["type"] == "image")
+
+
+def test_batch_draft_model_rewinds_rejected_positions(models, images, monkeypatch):
+    """The target drafting for itself accepts every draft, unless the draft's cache keeps
+    positions the target rejected. A spy spoils the first draft of every other proposal (the
+    target rejects it, and the k - 1 positions the draft's cache already holds after it must
+    be rewound): every unspoiled proposal must still be accepted whole."""
+    model, processor = models["tiny-idefics3"]
+    prompts = batch_prompts(images)
+    propose, spoiled = DraftModel.propose, {}
+
+    def spy(self, *args):
+        drafts, q = propose(self, *args)
+        n = spoiled.setdefault(id(self), [0, 0])  # proposals, drafts in spoiled proposals
+        n[0] += 1
+        if n[0] % 2 == 0:
+            n[1] += drafts.size
+            drafts = mx.concatenate([mx.where(drafts[:1] == 1, 2, 1), drafts[1:]])  # never the target's
+        return drafts, q
+
+    monkeypatch.setattr(DraftModel, "propose", spy)
+    solo = solo_texts(model, processor, prompts)
+    texts, last, seqs = batch_run(model, processor, prompts, DraftModel(model, processor, 4))
+    assert texts == solo
+    for e, s in zip(last, seqs):
+        proposals, lost = spoiled[id(s.drafter)]
+        print(f"proposals {proposals}, drafted {e.draft_tokens}, spoiled {lost}, accepted {e.accepted_tokens}")
+        assert proposals >= 2 and lost > 0
+        assert e.accepted_tokens == e.draft_tokens - lost
