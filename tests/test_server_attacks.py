@@ -558,7 +558,8 @@ def test_server_fault_is_a_logged_500(caplog):
 
     processor.tokenizer = SimpleNamespace(vocab={"ab": 0, "abcd": 1})
     config = SimpleNamespace(max_position_embeddings=100)
-    engine = SimpleNamespace(processor=processor, model=SimpleNamespace(config=config), max_batch=2, busy=False)
+    engine = SimpleNamespace(processor=processor, model=SimpleNamespace(config=config), max_batch=2, busy=False,
+                             draft=None, draft_tokens=lambda params: 0)
     with TestClient(create_app(engine, "stub"), raise_server_exceptions=False) as c:
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         err = assert_openai_error(r, 500)
