@@ -111,21 +111,26 @@ def sample_frame_indices(
     return np.unique(np.linspace(start, end, desired, dtype=int))
 
 
-def _open(path: Path):
+def open_video(path: Path):
+    """The container at `path` (one of DEMUXERS, local files only) with a decodable video
+    stream; VideoError otherwise."""
     import av
 
     if not path.is_file():
         raise VideoError(f"{path}: no such video file")
     if path.stat().st_size == 0:
         raise VideoError(f"{path}: the file is empty")
-    try:
-        container = av.open(str(path), options=dict(OPEN_OPTIONS))
+    try:  # metadata in no valid UTF-8 must not fail the open (UnicodeDecodeError)
+        container = av.open(str(path), options=dict(OPEN_OPTIONS), metadata_errors="replace")
     except av.FFmpegError as e:
         raise VideoError(f"{path}: not a readable video in a supported container "
                          f"(mp4/mov, mkv/webm, avi, gif) ({_reason(e)})") from None
     if not container.streams.video:
         container.close()
         raise VideoError(f"{path}: has no video stream (audio only?)")
+    if container.streams.video[0].codec_context is None:  # a codec id FFmpeg has no decoder for
+        container.close()
+        raise VideoError(f"{path}: the video stream's codec is not supported")
     return container
 
 
@@ -199,7 +204,7 @@ def load_video(
     import av
 
     path = Path(path)
-    container = _open(path)
+    container = open_video(path)
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
