@@ -150,13 +150,18 @@ def _frame_pts(container, stream, limit: int | None = None) -> tuple[list[int], 
     return sorted(pts), keys
 
 
+def _key_before(keys: np.ndarray, x: int) -> int | None:
+    # The last of the sorted `keys` at or before `x` (the first if none is; None if no keys).
+    return int(keys[max(np.searchsorted(keys, x, side="right") - 1, 0)]) if len(keys) else None
+
+
 def _decode(container, stream, pts: list[int], keys: set[int], indices: np.ndarray):
     # Seek to the keyframe before a wanted frame when that skips decoding; otherwise
     # decode on. Yields only the wanted frames.
-    key_pts = sorted(keys)
+    key_pts = np.array(sorted(keys), np.int64)
     it, last = None, None
     for target in (pts[i] for i in indices):
-        k = key_pts[max(np.searchsorted(key_pts, target, side="right") - 1, 0)] if key_pts else None
+        k = _key_before(key_pts, target)
         if it is None or (k is not None and last is not None and k > last):
             container.seek(k if k is not None else 0, stream=stream, backward=True)
             it = container.decode(stream)
@@ -172,10 +177,10 @@ def _decode(container, stream, pts: list[int], keys: set[int], indices: np.ndarr
 def _decoded_count(pts: list[int], keys: set[int], indices: np.ndarray) -> int:
     # How many frames `_decode` runs through: from the keyframe before a wanted frame when
     # it seeks, else on from the last wanted one.
-    key_idx = sorted(i for i, p in enumerate(pts) if p in keys)
+    key_idx = np.array([i for i, p in enumerate(pts) if p in keys], np.int64)
     n, last = 0, None
     for i in indices:
-        j = key_idx[max(np.searchsorted(key_idx, i, side="right") - 1, 0)] if key_idx else 0
+        j = _key_before(key_idx, i) or 0
         start = j if last is None or j > last else last + 1
         n += i - start + 1
         last = i
