@@ -234,8 +234,12 @@ class ChatDataset:
     def cache_features(self, fn):
         """Keep `fn(pixel_values, pixel_attention_mask)` (the frozen vision tower and connector)
         per sample instead of its pixels, up to the byte budget: the tower then runs once per
-        sample, not once per epoch, and a feature row is 1/20 of its tile's pixels."""
+        sample, not once per epoch, and a feature row is 1/20 of its tile's pixels. Samples
+        holding pixels get theirs now; those that re-read their media, when batched."""
         self.feature_fn = fn
+        for i, sample in enumerate(self.samples):
+            if sample.pixel_values is not None:
+                self[i]
 
     def __getitem__(self, i):
         sample = self.samples[i]
@@ -298,7 +302,9 @@ def collate(samples: list[Sample], pad_id: int = 0) -> Batch:
 def iterate_batches(dataset, batch_size: int, train: bool = False, pad_id: int = 0, seed: int = 0):
     """Batches of similar-length samples (sorted, then consecutive); in training an endless
     shuffled stream, else one pass in order."""
-    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]))
+    # a ChatDataset's lengths from its stored samples: dataset[i] may re-read media or run the tower
+    samples = getattr(dataset, "samples", dataset)
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
     batch_size = min(batch_size, len(order))
     groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if train:
