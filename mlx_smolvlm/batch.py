@@ -28,7 +28,7 @@ from .models.cache import (QUANTIZED_KV_START, BatchKVCache, BatchQuantizedKVCac
                            maybe_quantize_kv_cache)
 from .prefix_cache import FeatureCache, PrefixCache
 from .sample_utils import make_logits_processors, make_sampler, sample_next
-from .speculative import DraftModel, Gate, PromptLookup
+from .speculative import DraftModel, Gate, PromptLookup, agreed
 from .text_stream import TextStream
 
 log = logging.getLogger(__name__)
@@ -292,9 +292,7 @@ class BatchEngine:
             self._hand_out([self.active[i] for i in plain], tokens, info)
         choice, drop = choice.tolist(), []
         for i, (s, d) in enumerate(zip(self.active, drafts)):
-            n = 0
-            while n < len(d) and d[n] == choice[i][n]:
-                n += 1
+            n = agreed(d, choice[i])
             drop.append(K - n)
             if i in plain:
                 continue
