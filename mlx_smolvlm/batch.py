@@ -28,7 +28,7 @@ from .models.cache import (QUANTIZED_KV_START, BatchKVCache, BatchQuantizedKVCac
                            maybe_quantize_kv_cache)
 from .prefix_cache import FeatureCache, PrefixCache
 from .sample_utils import make_logits_processors, make_sampler, sample_next
-from .speculative import DraftModel, Gate, PromptLookup
+from .speculative import DraftModel, Gate, PromptLookup, SpeculativeStats, agreed
 from .text_stream import TextStream
 
 log = logging.getLogger(__name__)
@@ -98,14 +98,14 @@ class Sequence:
             self.drafter = PromptLookup(params.prompt_lookup_tokens, params.ngram_size)
         if self.drafter is not None:
             self.gate = Gate()
-        self.drafted = self.accepted = 0
+        self.stats = SpeculativeStats()
 
     def push(self, token: int, logprob: float | None = None, top=None):
         self.generated.append(token)
         text, finish = self.text.add(token)
         self.done = finish is not None
         self.on_event(Event(text, token, len(self.ids), self.text.n, self.cached, finish, logprob, top,
-                            draft_tokens=self.drafted, accepted_tokens=self.accepted))
+                            draft_tokens=self.stats.drafted, accepted_tokens=self.stats.accepted))
 
     def drafts(self) -> list[int] | mx.array:
         """This row's drafts: a list (prompt lookup) or a lazy array (a draft model's steps)."""
@@ -292,13 +292,12 @@ class BatchEngine:
             self._hand_out([self.active[i] for i in plain], tokens, info)
         choice, drop = choice.tolist(), []
         for i, (s, d) in enumerate(zip(self.active, drafts)):
-            n = 0
-            while n < len(d) and d[n] == choice[i][n]:
-                n += 1
+            n = agreed(d, choice[i])
             drop.append(K - n)
             if i in plain:
                 continue
-            s.drafted, s.accepted = s.drafted + len(d), s.accepted + n
+            s.stats.drafted += len(d)
+            s.stats.accepted += n
             if d:
                 s.drafter.accepted(d)  # a draft model rewinds its cache to what was kept
             s.gate.update(len(d), n, time.perf_counter() - tic)

@@ -26,7 +26,7 @@ ACCEPTS = f"{ENV} accepts 1/on/true (the system OpenBLAS), 0/off/false (MLX's bu
 
 
 class SettingError(SmolVLMError):
-    """MLX_SMOLVLM_BLAS names no loadable BLAS."""
+    """MLX_SMOLVLM_BLAS names no loadable BLAS, or MLX_SMOLVLM_BLAS_THREADS is no number."""
 
 # libopenblas.so.0 defines every BLAS and LAPACK symbol libmlx.so imports; Debian's
 # openblas-pthread/libblas.so.3 lacks the LAPACK ones. The pthread build: the OpenMP one would
@@ -47,9 +47,12 @@ def _threads() -> int:
     # waiting, and on a 2-core machine (bench/bench_peers.py --quick, float32) 2 threads beat 1
     # when quiet (vision 3.67 vs 4.32 s, decode 16.2 vs 10.3 tok/s) but lost by far at load
     # average 11 (vision 43.4 vs 6.1 s, prefill 6.2 vs 0.56 s, decode 7.1 vs 9.5 tok/s).
-    n = os.environ.get(THREADS_ENV)
+    n = os.environ.get(THREADS_ENV, "").strip()
     if n:
-        return int(n)
+        try:
+            return int(n)
+        except ValueError:
+            raise SettingError(f"{THREADS_ENV}={n!r}: not a number of threads") from None
     cores = len(os.sched_getaffinity(0))
     busy = os.getloadavg()[0] >= cores / 2
     return max(1, cores - 1) if busy else cores

@@ -258,16 +258,17 @@ def stream_generate(
     embeds = None
     if pixels:
         embeds = model.get_input_embeddings(prompt_arr[None, start:], *pixels)
-    spec = {}
+    stats = None
     if draft is not None:
         from .speculative import SpeculativeStats
 
         draft.begin(processor, prompt, images, controls)
-        spec = {"drafter": draft, "stats": SpeculativeStats()}
+        stats = SpeculativeStats()
     steps = generate_step(
         prompt_arr,
         model,
-        **spec,
+        drafter=draft,
+        stats=stats,
         input_embeddings=embeds,
         prompt_cache=cache.layers,
         max_tokens=max_tokens,
@@ -297,8 +298,8 @@ def stream_generate(
                 peak_memory=mx.get_peak_memory() / 1e9,
                 finish_reason=finish,
                 cached_tokens=start,
-                draft_tokens=spec["stats"].drafted if spec else 0,
-                accepted_tokens=spec["stats"].accepted if spec else 0,
+                draft_tokens=stats.drafted if stats else 0,
+                accepted_tokens=stats.accepted if stats else 0,
             )
             if finish:
                 break

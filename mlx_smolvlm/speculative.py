@@ -150,6 +150,14 @@ class DraftModel:
         self.fed = answer + drafts[: k - 1]
 
 
+def agreed(drafts: list[int], choice: list[int]) -> int:
+    """How many leading drafts the target's greedy `choice` after each prefix agrees with."""
+    n = 0
+    while n < len(drafts) and drafts[n] == choice[n]:
+        n += 1
+    return n
+
+
 def room(cache: list, kv_bits: int | None, quantized_kv_start: int) -> int:
     """Positions the next forward may append and still be undone exactly by a trim, with
     every position computed as plain decoding would: a rotating cache must not evict yet, and
@@ -280,9 +288,7 @@ def speculative_steps(prompt: mx.array, model, drafter, cache: list, quantize: C
                 choice = mx.argmax(lp, axis=-1)
                 mx.eval(choice, d_arr)
                 t, drafts = choice.tolist(), d_arr.tolist()
-                n = 0
-                while n < len(drafts) and drafts[n] == t[n]:
-                    n += 1
+                n = agreed(drafts, t)
                 out = drafts[:n] + [t[n]]
             else:
                 drafts = d_arr.tolist()

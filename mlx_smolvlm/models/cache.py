@@ -27,6 +27,20 @@ def _leaves(tree) -> list:
     return [tree]
 
 
+def _each(f, x):
+    # A float cache's keys are one array, a quantized one's a (packed, scales, biases) triple:
+    # the quantized and batch caches grow, pad and gather positions of either the same way.
+    return tuple(f(a) for a in x) if isinstance(x, tuple) else f(x)
+
+
+def _grown(x, prev: int, n: int):
+    # The first `prev` positions of a buffer (an array or a quantized triple) and n zero ones after.
+    def grown(a):
+        return mx.concatenate([a[..., :prev, :], mx.zeros((*a.shape[:2], n, a.shape[3]), a.dtype)], axis=2)
+
+    return _each(grown, x)
+
+
 class _BaseCache:
     offset: int = 0
 
@@ -83,16 +97,13 @@ class KVCache(_BaseCache):
         prev = self.offset
         n = keys.shape[2]
         if self.keys is None or prev + n > self.keys.shape[2]:
-            B, H, _, Dk = keys.shape
-            Dv = values.shape[3]
             grow = ((n + self.step - 1) // self.step) * self.step
-            new_k = mx.zeros((B, H, grow, Dk), keys.dtype)
-            new_v = mx.zeros((B, H, grow, Dv), values.dtype)
             if self.keys is None:
-                self.keys, self.values = new_k, new_v
+                B, H, _, Dk = keys.shape
+                self.keys = mx.zeros((B, H, grow, Dk), keys.dtype)
+                self.values = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
             else:
-                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+                self.keys, self.values = _grown(self.keys, prev, grow), _grown(self.values, prev, grow)
         self.offset += n
         self.keys[..., prev : self.offset, :] = keys
         self.values[..., prev : self.offset, :] = values
@@ -114,11 +125,6 @@ class KVCache(_BaseCache):
         if self.keys is not None:
             q.update_and_fetch(*self.state)
         return q
-
-
-def _grow(triple, n: int):
-    # Append n zero positions (axis 2) to each of the packed weights, scales and biases.
-    return tuple(mx.concatenate([x, mx.zeros((*x.shape[:2], n, x.shape[3]), x.dtype)], axis=2) for x in triple)
 
 
 class QuantizedKVCache(_BaseCache):
@@ -143,8 +149,7 @@ class QuantizedKVCache(_BaseCache):
                 self.keys = self._empty(B, H, grow, keys.shape[3], keys.dtype)
                 self.values = self._empty(B, H, grow, values.shape[3], values.dtype)
             else:
-                self.keys = _grow(tuple(x[..., :prev, :] for x in self.keys), grow)
-                self.values = _grow(tuple(x[..., :prev, :] for x in self.values), grow)
+                self.keys, self.values = _grown(self.keys, prev, grow), _grown(self.values, prev, grow)
         self.offset += n
         for cached, new in ((self.keys, keys), (self.values, values)):
             for c, q in zip(cached, mx.quantize(new, group_size=self.group_size, bits=self.bits)):
@@ -294,12 +299,6 @@ class RotatingKVCache(_BaseCache):
         return (q >= k) & ((k < self.keep) | (q < k + self.max_size - self.keep))
 
 
-def _each(f, x):
-    # A float cache's keys are one array, a quantized one's a (packed, scales, biases) triple:
-    # the batch cache moves, pads and gathers positions of either the same way.
-    return tuple(f(a) for a in x) if isinstance(x, tuple) else f(x)
-
-
 def _pad_left(x, n: int):
     return _each(lambda a: mx.pad(a, [(0, 0), (0, 0), (n, 0), (0, 0)]), x) if n else x
 
@@ -423,11 +422,7 @@ class BatchKVCache(_BaseCache):
         prev, n = self.idx, _width(keys)
         if prev + n > _width(self.keys):
             grow = ((n + self.step - 1) // self.step) * self.step
-
-            def grown(a):
-                return mx.concatenate([a[..., :prev, :], mx.zeros((*a.shape[:2], grow, a.shape[3]), a.dtype)], 2)
-
-            self.keys, self.values = _each(grown, self.keys), _each(grown, self.values)
+            self.keys, self.values = _grown(self.keys, prev, grow), _grown(self.values, prev, grow)
         for b, x in zip(_leaves([self.keys, self.values]), _leaves([keys, values])):
             b[..., prev : prev + n, :] = x
         self.idx += n
