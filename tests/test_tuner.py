@@ -343,6 +343,18 @@ def test_datasets_folder_and_parquet(data, tiny_idefics3):
         assert np.array_equal(sample.pixel_values, want.pixel_values)
 
 
+def test_a_single_dataset_folder_is_the_train_split(tiny_idefics3):
+    """`--data` naming one `Dataset.save_to_disk` folder (a DatasetDict's split, as `datasets`
+    wrote it) gives that folder's rows as the train split, and no other split."""
+    processor = load_processor(tiny_idefics3)
+    one = load_split(TUNING / "cauldron_disk" / "train", "train", processor, 300)
+    whole = load_split(TUNING / "cauldron_disk", "train", processor, 300)
+    assert load_split(TUNING / "cauldron_disk" / "train", "valid", processor, 300) is None
+    assert len(one) == len(whole) > 0
+    for a, b in zip(one.samples, whole.samples):
+        assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.pixel_values, b.pixel_values)
+
+
 @pytest.mark.parametrize("meta,expected", [
     ({"dataset_dict.json": "{}"}, "no 'splits' list"),
     ({"state.json": "[1]"}, "no '_data_files' list"),
