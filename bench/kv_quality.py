@@ -25,9 +25,9 @@ import mlx_smolvlm  # noqa: F401  isort: skip  (first: puts the fast BLAS under 
 import mlx.core as mx
 import numpy as np
 
-from mlx_smolvlm.cache import KVCache
-from mlx_smolvlm.generation import generate_step, load
+from mlx_smolvlm.generate import generate_step, load
 from mlx_smolvlm.gguf import packaged_smollm2
+from mlx_smolvlm.models.cache import KVCache
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = [

@@ -9,11 +9,12 @@ packets, without decoding: headers that understate the frame count change nothin
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image
 
 from .errors import MediaError, VideoError
-from .video import OPEN_OPTIONS, load_video
+from .video import load_video, open_video
 
 
 class MediaRefused(MediaError):
@@ -50,25 +51,15 @@ def image_size(data: bytes, budget: MediaBudget) -> tuple[int, int]:
 
 def check_video(path: str, budget: MediaBudget) -> dict:
     """Container and stream metadata of the video at `path`, if within `budget`."""
-    import av
-
-    try:
-        container = av.open(path, options=dict(OPEN_OPTIONS))
-    except av.FFmpegError:
-        raise MediaRefused("not a video in a supported container (mp4/mov, mkv/webm, avi, gif)") from None
-    try:
-        if not container.streams.video:
-            raise MediaRefused("the video has no video stream")
-        stream = container.streams.video[0]
-        w, h = stream.codec_context.width, stream.codec_context.height
-        fmt = container.format.name
-    finally:
-        container.close()
-    if w <= 0 or h <= 0:
-        raise MediaRefused("the video stream has no frame size")
-    if w * h > budget.max_video_frame_pixels:
-        raise MediaRefused(f"video frames of {w}x{h} are over the limit of {budget.max_video_frame_pixels} pixels")
-    try:  # demuxes every packet (bounded by the body size) but decodes nothing
+    try:  # every VideoError names `path`; the message sent back must not
+        with open_video(Path(path)) as container:
+            ctx = container.streams.video[0].codec_context
+            w, h, fmt = ctx.width, ctx.height, container.format.name
+        if w <= 0 or h <= 0:
+            raise MediaRefused("the video stream has no frame size")
+        if w * h > budget.max_video_frame_pixels:
+            raise MediaRefused(f"video frames of {w}x{h} are over the limit of {budget.max_video_frame_pixels} pixels")
+        # demuxes every packet (bounded by the body size) but decodes nothing
         v = load_video(path, budget.fps, budget.max_frames, budget.skip_secs, decode=False,
                        max_total_frames=budget.max_video_frames)
     except VideoError as e:

@@ -229,12 +229,12 @@ def create_app(engine: BatchEngine, model_id: str, limits: Limits | None = None,
             body = await read_json(request)
             watcher = watch_disconnect(request)
             req = await parse_chat(body, limits, decode=False)
+            try:  # before any media is decoded
+                drafting = engine.draft_tokens(req.params)
+            except USER_FAULTS as e:  # num_draft_tokens without --draft-model, or with prompt lookup
+                raise RequestError(str(e), "num_draft_tokens") from None
             async with admission.decoding:  # decoded media of only a few requests held at once
                 await req.decode(limits, admission.run)
-                try:
-                    drafting = engine.draft_tokens(req.params)
-                except USER_FAULTS as e:  # num_draft_tokens without --draft-model, or with prompt lookup
-                    raise RequestError(str(e), "num_draft_tokens") from None
                 try:
                     inputs = await admission.run(engine.processor, req.messages, **controls)
                     # The draft model reads the messages through its own processor (its tiling).

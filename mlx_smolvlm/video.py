@@ -111,21 +111,26 @@ def sample_frame_indices(
     return np.unique(np.linspace(start, end, desired, dtype=int))
 
 
-def _open(path: Path):
+def open_video(path: Path):
+    """The container at `path` (one of DEMUXERS, local files only) with a decodable video
+    stream; VideoError otherwise."""
     import av
 
     if not path.is_file():
         raise VideoError(f"{path}: no such video file")
     if path.stat().st_size == 0:
         raise VideoError(f"{path}: the file is empty")
-    try:
-        container = av.open(str(path), options=dict(OPEN_OPTIONS))
+    try:  # metadata in no valid UTF-8 must not fail the open (UnicodeDecodeError)
+        container = av.open(str(path), options=dict(OPEN_OPTIONS), metadata_errors="replace")
     except av.FFmpegError as e:
         raise VideoError(f"{path}: not a readable video in a supported container "
                          f"(mp4/mov, mkv/webm, avi, gif) ({_reason(e)})") from None
     if not container.streams.video:
         container.close()
         raise VideoError(f"{path}: has no video stream (audio only?)")
+    if container.streams.video[0].codec_context is None:  # a codec id FFmpeg has no decoder for
+        container.close()
+        raise VideoError(f"{path}: the video stream's codec is not supported")
     return container
 
 
@@ -145,13 +150,18 @@ def _frame_pts(container, stream, limit: int | None = None) -> tuple[list[int], 
     return sorted(pts), keys
 
 
+def _key_before(keys: np.ndarray, x: int) -> int | None:
+    # The last of the sorted `keys` at or before `x` (the first if none is; None if no keys).
+    return int(keys[max(np.searchsorted(keys, x, side="right") - 1, 0)]) if len(keys) else None
+
+
 def _decode(container, stream, pts: list[int], keys: set[int], indices: np.ndarray):
     # Seek to the keyframe before a wanted frame when that skips decoding; otherwise
     # decode on. Yields only the wanted frames.
-    key_pts = sorted(keys)
+    key_pts = np.array(sorted(keys), np.int64)
     it, last = None, None
     for target in (pts[i] for i in indices):
-        k = key_pts[max(np.searchsorted(key_pts, target, side="right") - 1, 0)] if key_pts else None
+        k = _key_before(key_pts, target)
         if it is None or (k is not None and last is not None and k > last):
             container.seek(k if k is not None else 0, stream=stream, backward=True)
             it = container.decode(stream)
@@ -167,10 +177,10 @@ def _decode(container, stream, pts: list[int], keys: set[int], indices: np.ndarr
 def _decoded_count(pts: list[int], keys: set[int], indices: np.ndarray) -> int:
     # How many frames `_decode` runs through: from the keyframe before a wanted frame when
     # it seeks, else on from the last wanted one.
-    key_idx = sorted(i for i, p in enumerate(pts) if p in keys)
+    key_idx = np.array([i for i, p in enumerate(pts) if p in keys], np.int64)
     n, last = 0, None
     for i in indices:
-        j = key_idx[max(np.searchsorted(key_idx, i, side="right") - 1, 0)] if key_idx else 0
+        j = _key_before(key_idx, i) or 0
         start = j if last is None or j > last else last + 1
         n += i - start + 1
         last = i
@@ -199,7 +209,7 @@ def load_video(
     import av
 
     path = Path(path)
-    container = _open(path)
+    container = open_video(path)
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"

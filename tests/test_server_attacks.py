@@ -604,3 +604,29 @@ def test_decode_budget_counts_what_the_decoder_decodes(tmp_path):
     print(f"{len(probe.indices)} samples of {probe.total_frames} frames: {produced} decoded, "
           f"{probe.decoded_frames} counted")
     assert len(frames) == len(probe.indices) > 2 and produced == probe.decoded_frames
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "TIFF", "AVIF"])
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns of the corrupt EXIF it skips
+def test_corrupt_images_are_image_errors(fmt):
+    """Bytes flipped in a small image: `decode_image` decodes it or raises ImageError (a 400),
+    whatever Pillow's decoder raised (libavif: RuntimeError)."""
+    from PIL import features
+
+    from mlx_smolvlm.errors import ImageError
+    from mlx_smolvlm.image_processing import decode_image
+
+    if fmt == "AVIF" and not features.check("avif"):
+        pytest.skip("Pillow without AVIF")
+    rng, out = random.Random(0), io.BytesIO()
+    Image.frombytes("RGB", (32, 24), rng.randbytes(32 * 24 * 3)).save(out, fmt)
+    data, refused = out.getvalue(), 0
+    for _ in range(400):
+        d = bytearray(data)
+        for _ in range(4):
+            d[rng.randrange(len(d))] = rng.randrange(256)
+        try:
+            decode_image(bytes(d))
+        except ImageError:
+            refused += 1
+    print(f"{fmt}: {refused} of 400 mutated images refused")

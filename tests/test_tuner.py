@@ -136,6 +136,11 @@ BAD = {
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
             {"role": "assistant", "content": "A"}]}, "2 image(s) but 1 image placeholder(s)"),
     "not JSON": ("{oops", "not valid JSON"),
+    "messages not a list": ({"messages": 5}, "must be a list"),
+    "part type not a string": ({"messages": [{"role": "user", "content": [{"type": ["image"]}]},
+                                             {"role": "assistant", "content": "A"}]}, "unknown content part type"),
+    "image bytes as text": ({"images": [{"bytes": "abc"}], "texts": [{"user": "Q", "assistant": "A"}]},
+                            "expected a path, URL or PIL image"),
 }
 
 
@@ -336,6 +341,31 @@ def test_datasets_folder_and_parquet(data, tiny_idefics3):
         want = encode(processor, row_messages(row, "r", TUNING))
         assert np.array_equal(sample.input_ids, want.input_ids) and np.array_equal(sample.mask, want.mask)
         assert np.array_equal(sample.pixel_values, want.pixel_values)
+
+
+def test_a_single_dataset_folder_is_the_train_split(tiny_idefics3):
+    """`--data` naming one `Dataset.save_to_disk` folder (a DatasetDict's split, as `datasets`
+    wrote it) gives that folder's rows as the train split, and no other split."""
+    processor = load_processor(tiny_idefics3)
+    one = load_split(TUNING / "cauldron_disk" / "train", "train", processor, 300)
+    whole = load_split(TUNING / "cauldron_disk", "train", processor, 300)
+    assert load_split(TUNING / "cauldron_disk" / "train", "valid", processor, 300) is None
+    assert len(one) == len(whole) > 0
+    for a, b in zip(one.samples, whole.samples):
+        assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.pixel_values, b.pixel_values)
+
+
+@pytest.mark.parametrize("meta,expected", [
+    ({"dataset_dict.json": "{}"}, "no 'splits' list"),
+    ({"state.json": "[1]"}, "no '_data_files' list"),
+    ({"state.json": '{"_data_files": [{"filename": "../train.arrow"}]}'}, "not a file name in the folder"),
+])
+def test_bad_datasets_folder_is_one_line(meta, expected, tmp_path):
+    pytest.importorskip("pyarrow")
+    for name, text in meta.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(DatasetError, match=expected):
+        list(load_split(tmp_path, "train", None, 300) or [])
 
 
 def test_full_fine_tune_and_lr_schedule(tiny_idefics3, data, tmp_path):

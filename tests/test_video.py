@@ -224,6 +224,25 @@ def test_zero_length_video(tmp_path):
         load_video(path)
 
 
+def test_headers_pyav_chokes_on(tmp_path):
+    """Bytes an attacker controls in the header: metadata in no valid UTF-8 is read (PyAV's
+    strict decoding raised UnicodeDecodeError), a codec FFmpeg cannot decode is a VideoError
+    (PyAV gives no codec context), and the server's check refuses it without naming the file."""
+    from mlx_smolvlm.media_admission import MediaBudget, MediaRefused, check_video
+
+    mkv = make_video(tmp_path / "clip.mkv", 1, 4, 32, 32).read_bytes()
+    assert b"Lavf" in mkv  # the muxer's name, in the metadata
+    latin = _write(tmp_path / "latin.mkv", mkv.replace(b"Lavf", b"La\xfff"))
+    assert len(load_video(latin).frames) == 1
+    assert check_video(str(latin), MediaBudget())["frames"] == 4
+    mp4 = make_video(tmp_path / "clip.mp4", 1, 4, 32, 32).read_bytes()
+    unknown = _write(tmp_path / "unknown.mp4", mp4.replace(b"avc1", b"zzzz"))
+    with pytest.raises(VideoError, match="unknown.mp4: the video stream's codec is not supported"):
+        load_video(unknown)
+    with pytest.raises(MediaRefused, match="^the video stream's codec is not supported$"):
+        check_video(str(unknown), MediaBudget())
+
+
 # --- the processor: video prompt, mixed content, controls
 
 

@@ -36,7 +36,7 @@ class DatasetError(InvalidRequestError):
 
 def _media(value, base: Path):
     """A path relative to the data file made absolute; bytes rows (parquet) decoded."""
-    if isinstance(value, dict) and value.get("bytes") is not None:
+    if isinstance(value, dict) and isinstance(value.get("bytes"), bytes):
         return decode_image(value["bytes"], value.get("path") or "<bytes>")
     if isinstance(value, dict) and value.get("path"):
         value = value["path"]
@@ -62,6 +62,9 @@ def row_messages(row: dict, where: str, base: Path) -> list[dict]:
         raise DatasetError(f"{where}: expected a JSON object")
     images = row.get("images", row.get("image")) or []
     images = images if isinstance(images, list) else [images]
+    turns = row.get("messages", row.get("texts"))
+    if turns is not None and not isinstance(turns, list):
+        raise DatasetError(f"{where}: 'messages' / 'texts' must be a list")
     if "messages" in row:
         messages = [{"role": m.get("role"), "content": _parts(m.get("content"), where)}
                     if isinstance(m, dict) else None for m in row["messages"] or []]
@@ -84,7 +87,7 @@ def row_messages(row: dict, where: str, base: Path) -> list[dict]:
     for m in messages:
         for p in m["content"]:
             kind = p.get("type")
-            if kind in MEDIA_KEYS:
+            if kind in ("image", "video"):  # a tuple: a type that is not hashable is refused below
                 for k in MEDIA_KEYS[kind]:
                     if k in p:
                         p[k] = _media(p[k], base)
@@ -148,16 +151,29 @@ def read_rows(path: Path):
             yield f"{path}:{n}", row, path.parent
 
 
+def _metadata(path: Path, key: str) -> list:
+    """The list under `key` in a datasets folder's JSON metadata file."""
+    try:
+        value = json.loads(path.read_text())[key]
+    except (ValueError, KeyError, TypeError):
+        value = None
+    if not isinstance(value, list):
+        raise DatasetError(f"{path}: not a datasets metadata file (no {key!r} list)")
+    return value
+
+
 def _arrow_folder(folder: Path):
     """Rows of one `datasets.Dataset.save_to_disk` folder: Arrow stream files listed in its
     state.json (read with pyarrow alone; `datasets` is not needed). Images come as
     {"bytes", "path"} structs, datasets' Image feature."""
     pa = _pyarrow(folder)
-    state = json.loads((folder / "state.json").read_text())
-    for f in state["_data_files"]:
-        with pa.memory_map(str(folder / f["filename"])) as source:
+    for f in _metadata(folder / "state.json", "_data_files"):
+        name = f.get("filename") if isinstance(f, dict) else None
+        if not isinstance(name, str) or Path(name).name != name:  # a bare file name, in this folder
+            raise DatasetError(f"{folder / 'state.json'}: data file {name!r} is not a file name in the folder")
+        with pa.memory_map(str(folder / name)) as source:
             rows = pa.ipc.open_stream(source).read_all().to_pylist()
-        yield from ((f"{folder / f['filename']}:row {i + 1}", row, folder) for i, row in enumerate(rows))
+        yield from ((f"{folder / name}:row {i + 1}", row, folder) for i, row in enumerate(rows))
 
 
 def split_rows(data: Path, split: str):
@@ -173,7 +189,7 @@ def split_rows(data: Path, split: str):
         if (data / f"{split}{ext}").is_file():
             return read_rows(data / f"{split}{ext}")
     if (data / "dataset_dict.json").is_file():
-        splits = json.loads((data / "dataset_dict.json").read_text())["splits"]
+        splits = _metadata(data / "dataset_dict.json", "splits")
         name = next((n for n in (split, {"valid": "validation"}.get(split)) if n in splits), None)
         return None if name is None else _arrow_folder(data / name)
     if (data / "state.json").is_file():
@@ -218,8 +234,12 @@ class ChatDataset:
     def cache_features(self, fn):
         """Keep `fn(pixel_values, pixel_attention_mask)` (the frozen vision tower and connector)
         per sample instead of its pixels, up to the byte budget: the tower then runs once per
-        sample, not once per epoch, and a feature row is 1/20 of its tile's pixels."""
+        sample, not once per epoch, and a feature row is 1/20 of its tile's pixels. Samples
+        holding pixels get theirs now; those that re-read their media, when batched."""
         self.feature_fn = fn
+        for i, sample in enumerate(self.samples):
+            if sample.pixel_values is not None:
+                self[i]
 
     def __getitem__(self, i):
         sample = self.samples[i]
@@ -282,7 +302,9 @@ def collate(samples: list[Sample], pad_id: int = 0) -> Batch:
 def iterate_batches(dataset, batch_size: int, train: bool = False, pad_id: int = 0, seed: int = 0):
     """Batches of similar-length samples (sorted, then consecutive); in training an endless
     shuffled stream, else one pass in order."""
-    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]))
+    # a ChatDataset's lengths from its stored samples: dataset[i] may re-read media or run the tower
+    samples = getattr(dataset, "samples", dataset)
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
     batch_size = min(batch_size, len(order))
     groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if train:
