@@ -3,7 +3,7 @@ tiles), so a later turn prefills only what follows the part it shares with the c
 
 import hashlib
 
-from .models.cache import make_prompt_cache
+from .models.cache import can_trim_prompt_cache, make_prompt_cache
 
 
 class ChatCache:
@@ -35,16 +35,13 @@ class ChatCache:
         same = 0
         while same < min(len(tiles), len(self.tiles)) and tiles[same] == self.tiles[same]:
             same += 1
-        image_pos = [i for i in range(n) if ids[i] == self.image_token_id]
-        if len(image_pos) > same * self.image_seq_len:
-            # Equal ids, other pixels (or a tile cut in two): stop before that tile.
-            n = image_pos[same * self.image_seq_len]
-        return n
+        # Equal ids, other pixels (or a tile cut in two): stop before that tile.
+        return cut_before_tile(ids, n, self.image_token_id, self.image_seq_len, same)
 
     def trim_to(self, n: int) -> int:
         """Keep the first `n` positions; returns how many are kept: none once a rotating
         cache has evicted some, as it can no longer be rolled back."""
-        if self.offset > n and not all(c.is_trimmable() for c in self.layers):
+        if self.offset > n and not can_trim_prompt_cache(self.layers):
             self.layers[:] = self.fresh()
             n = 0
         for c in self.layers:
@@ -57,6 +54,14 @@ class ChatCache:
         # The layers hold the prompt and every token fed back so far (one step runs ahead).
         self.tokens = (ids + generated)[: self.offset]
         self.tiles = tiles[: self.tiles_in(ids[: self.offset])]
+
+
+def cut_before_tile(ids: list[int], n: int, image_token_id, per_tile: int, tiles: int | None = None) -> int:
+    """`n`, or the position of the first `<image>` token in `ids[:n]` past the first `tiles`
+    tiles (None: all the whole tiles there, so a prefix never ends inside a tile)."""
+    image_pos = [i for i in range(n) if ids[i] == image_token_id]
+    keep = (len(image_pos) // per_tile if tiles is None else tiles) * per_tile
+    return image_pos[keep] if len(image_pos) > keep else n
 
 
 def n_tiles(inputs: dict) -> int:

@@ -6,7 +6,8 @@ from collections import OrderedDict
 
 import mlx.core as mx
 
-from .chat_cache import ChatCache
+from .chat_cache import ChatCache, cut_before_tile
+from .models.cache import can_trim_prompt_cache
 
 
 class FeatureCache:
@@ -82,13 +83,6 @@ class PrefixCache:
                 key.append(t)
         return tuple(key)
 
-    def _cut_to_whole_tiles(self, ids: list[int], n: int, per_tile: int) -> int:
-        # A prefix ending inside a tile's image tokens stops before that tile: features are
-        # spliced a whole tile at a time.
-        image_pos = [i for i in range(n) if ids[i] == self.image_token_id]
-        partial = len(image_pos) % per_tile
-        return image_pos[len(image_pos) - partial] if partial else n
-
     def lookup(self, ids: list[int], tiles: list, per_tile: int, partition: bytes = b"") -> ChatCache:
         """A fresh ChatCache holding the longest reusable prefix of `ids` (maybe none) among
         the prompts stored with the same `partition`."""
@@ -104,13 +98,15 @@ class PrefixCache:
             below = node
             while below.entry is None and below.children:
                 below = next(iter(below.children.values()))
-            if below.entry is not None and all(c.is_trimmable() for c in self.entries[below.entry].layers):
+            if below.entry is not None and can_trim_prompt_cache(self.entries[below.entry].layers):
                 best, best_n = below.entry, depth
         out = ChatCache(self.model)
         out.image_seq_len = per_tile
-        n = self._cut_to_whole_tiles(ids, best_n - 1, per_tile) if best is not None else 0
+        # A prefix ending inside a tile's image tokens stops before that tile: features are
+        # spliced a whole tile at a time.
+        n = cut_before_tile(ids, best_n - 1, self.image_token_id, per_tile) if best is not None else 0
         entry = self.entries[best] if n else None
-        if entry is None or (n < len(entry.tokens) and not all(c.is_trimmable() for c in entry.layers)):
+        if entry is None or (n < len(entry.tokens) and not can_trim_prompt_cache(entry.layers)):
             self.misses += 1
             return out
         self.entries.move_to_end(best)
@@ -142,7 +138,7 @@ class PrefixCache:
         node.entry = key
         self.entries[key] = entry
         self.nbytes += entry.nbytes
-        if all(c.is_trimmable() for c in entry.layers):
+        if can_trim_prompt_cache(entry.layers):
             for k in shorter:  # a shorter stored prompt on the way is served by this one, trimmed
                 self._remove(k)
         while self.nbytes > self.max_bytes:

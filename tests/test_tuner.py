@@ -5,6 +5,7 @@ never cuts an image, padding, bad rows, and `python -m mlx_smolvlm.lora` end to 
 Ctrl-C)."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -156,6 +157,12 @@ def test_bad_row_is_one_line_naming_file_and_line(case, tiny_idefics3, images, t
     msg = str(e.value)
     print(msg)
     assert msg.startswith(f"{tmp_path / 'train.jsonl'}:2: ") and expected in msg and "\n" not in msg
+
+
+def test_row_that_is_not_utf8_is_one_line(tiny_idefics3, tmp_path):
+    (tmp_path / "train.jsonl").write_bytes(b"\n\xff{}\n")
+    with pytest.raises(DatasetError, match=f"^{re.escape(str(tmp_path / 'train.jsonl'))}:2: not valid JSON"):
+        load_split(tmp_path, "train", load_processor(tiny_idefics3), 300)
 
 
 def test_bad_row_through_the_cli_has_no_traceback(tiny_idefics3, images, tmp_path):
@@ -341,6 +348,18 @@ def test_datasets_folder_and_parquet(data, tiny_idefics3):
         want = encode(processor, row_messages(row, "r", TUNING))
         assert np.array_equal(sample.input_ids, want.input_ids) and np.array_equal(sample.mask, want.mask)
         assert np.array_equal(sample.pixel_values, want.pixel_values)
+
+
+def test_a_single_dataset_folder_is_the_train_split(tiny_idefics3):
+    """`--data` naming one `Dataset.save_to_disk` folder (a DatasetDict's split, as `datasets`
+    wrote it) gives that folder's rows as the train split, and no other split."""
+    processor = load_processor(tiny_idefics3)
+    one = load_split(TUNING / "cauldron_disk" / "train", "train", processor, 300)
+    whole = load_split(TUNING / "cauldron_disk", "train", processor, 300)
+    assert load_split(TUNING / "cauldron_disk" / "train", "valid", processor, 300) is None
+    assert len(one) == len(whole) > 0
+    for a, b in zip(one.samples, whole.samples):
+        assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.pixel_values, b.pixel_values)
 
 
 @pytest.mark.parametrize("meta,expected", [

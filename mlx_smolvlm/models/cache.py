@@ -465,6 +465,12 @@ class BatchQuantizedKVCache(BatchKVCache):
         return super().update_and_fetch(_quantize(keys, g, b), _quantize(values, g, b))
 
 
+def can_trim_prompt_cache(cache: list) -> bool:
+    """Whether every layer can still drop positions (mlx-lm's name): a rotating one that has
+    evicted cannot be rolled back."""
+    return all(c.is_trimmable() for c in cache)
+
+
 def make_prompt_cache(model, max_kv_size: int | None = None) -> list:
     """One cache per decoder layer; `max_kv_size` caps each at that many positions (rotating)."""
     if max_kv_size is not None:

@@ -31,11 +31,10 @@ class Sample:
         return len(self.input_ids)
 
 
-def assistant_spans(processor, messages, **kw) -> list[tuple[int, int]]:
-    """Character spans of the assistant turns in the rendered conversation: the text that
-    rendering messages[: i + 1] adds to rendering messages[:i] with the generation prompt,
+def assistant_spans(processor, messages, full: str, **kw) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in `full`, the rendered conversation: the text
+    that rendering messages[: i + 1] adds to rendering messages[:i] with the generation prompt,
     trailing whitespace off (the model stops at its end-of-turn token)."""
-    full = processor.apply_chat_template(messages, add_generation_prompt=False, **kw)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -72,8 +71,8 @@ def encode(processor, messages, **controls) -> Sample:
     kw = {}
     if message_images(messages, "video"):
         kw["chat_template"] = VIDEO_CHAT_TEMPLATE  # every prefix with the template the video uses
-    spans = assistant_spans(processor, messages, **kw)
     rendered = processor.apply_chat_template(messages, add_generation_prompt=False, **kw)
+    spans = assistant_spans(processor, messages, rendered, **kw)
     out = processor(messages, add_generation_prompt=False, return_pieces=True, **controls)
     pattern = f"({re.escape(processor.image_token)}|{re.escape(VIDEO_TOKEN)})"
     pieces = out["prompt_pieces"]
