@@ -366,7 +366,9 @@ def test_fuzzed_field_types(server, client, baseline):
     base = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "max_tokens": 2,
             "temperature": 0, "top_p": 1, "seed": 1, "stop": ["x"], "logprobs": False, "top_logprobs": 0,
             "n": 1, "stream": False, "stream_options": {"include_usage": True}, "cache_salt": "s",
-            "skip_special_tokens": True, "max_completion_tokens": 2, "model": "m"}
+            "skip_special_tokens": True, "max_completion_tokens": 2, "model": "m", "top_k": 0, "min_p": 0,
+            "repetition_penalty": 1.1, "repetition_context_size": 20, "prompt_lookup_tokens": 2, "ngram_size": 2,
+            "num_draft_tokens": 0}
     paths = [(k,) for k in base] + [("messages", 0, "role"), ("messages", 0, "content"),
                                     ("messages", 0, "content", 0), ("messages", 0, "content", 0, "type"),
                                     ("messages", 0, "content", 0, "text"), ("messages", 0)]
