@@ -155,17 +155,23 @@ def _key_before(keys: np.ndarray, x: int) -> int | None:
     return int(keys[max(np.searchsorted(keys, x, side="right") - 1, 0)]) if len(keys) else None
 
 
-def _decode(container, stream, pts: list[int], keys: set[int], indices: np.ndarray):
+def _decode(container, stream, pts: list[int], keys: set[int], indices: np.ndarray, limit: int | None = None):
     # Seek to the keyframe before a wanted frame when that skips decoding; otherwise
-    # decode on. Yields only the wanted frames.
+    # decode on. Yields only the wanted frames. More than `limit` frames from the decoder
+    # is a VideoError: a seek index that lands before the flagged keyframes would otherwise
+    # decode the video up to once per sampled frame, past the budget `_decoded_count` judged.
     key_pts = np.array(sorted(keys), np.int64)
-    it, last = None, None
+    it, last, produced = None, None, 0
     for target in (pts[i] for i in indices):
         k = _key_before(key_pts, target)
         if it is None or (k is not None and last is not None and k > last):
             container.seek(k if k is not None else 0, stream=stream, backward=True)
             it = container.decode(stream)
         for frame in it:
+            produced += 1
+            if limit is not None and produced > limit:
+                raise VideoError(f"{container.name}: reaching the sampled frames decodes more than {limit} "
+                                 "frames (the seek index and the keyframes disagree)")
             last = frame.pts
             if frame.pts is not None and frame.pts >= target:
                 yield frame
@@ -228,8 +234,10 @@ def load_video(
             return VideoFrames(str(path), None, indices, rate, total, duration,
                                _decoded_count(pts, keys, indices))
         frames, declared = [], stream.codec_context.width * stream.codec_context.height
+        # Twice the count, plus a few frames per seek (leading B-frames of an open GOP).
+        limit = 2 * _decoded_count(pts, keys, indices) + 8 * len(indices)
         try:
-            for f in _decode(container, stream, pts, keys, indices):
+            for f in _decode(container, stream, pts, keys, indices, limit):
                 if declared and f.width * f.height > declared:  # budgets were judged on the header
                     raise VideoError(f"{path}: a frame of {f.width}x{f.height} is larger than the stream's "
                                      f"{stream.codec_context.width}x{stream.codec_context.height}")

@@ -606,6 +606,52 @@ def test_decode_budget_counts_what_the_decoder_decodes(tmp_path):
     assert len(frames) == len(probe.indices) > 2 and produced == probe.decoded_frames
 
 
+def test_decoding_past_the_counted_frames_is_refused(tmp_path):
+    """A seek index that sends every seek back to the start (a Matroska file's Cues are the
+    sender's to write) would decode the video once per sampled frame; `_decode` stops at
+    the limit load_video gives it (twice the counted frames plus 8 per sample)."""
+    import av
+    from video_synth import make_video
+
+    from mlx_smolvlm import video
+
+    path = make_video(tmp_path / "gop.mp4", 12, 6, 32, 32)
+    probe = video.load_video(path, decode=False)
+    limit = 2 * probe.decoded_frames + 8 * len(probe.indices)
+
+    class Lying:  # the container, its every seek landing on the first frame
+        def __init__(self, container):
+            self.container, self.produced = container, 0
+
+        def seek(self, offset, **kwargs):
+            return self.container.seek(0, **kwargs)
+
+        def decode(self, stream):
+            for frame in self.container.decode(stream):
+                self.produced += 1
+                yield frame
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+    def run(limit):
+        with av.open(str(path)) as c:
+            stream, lying = c.streams.video[0], Lying(c)
+            pts, keys = video._frame_pts(c, stream)
+            try:
+                return len(list(video._decode(lying, stream, pts, keys, probe.indices, limit))), lying.produced
+            except video.VideoError as e:
+                return str(e), lying.produced
+
+    n, produced = run(None)
+    print(f"{len(probe.indices)} samples, {probe.decoded_frames} frames counted: a lying index decodes {produced}")
+    assert n == len(probe.indices) and produced > limit
+    message, produced = run(limit)
+    assert message.startswith(f"{path}: reaching the sampled frames decodes more than {limit}"), message
+    assert produced == limit + 1
+    assert len(video.load_video(path).frames) == len(probe.indices)  # an honest index stays within it
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "TIFF", "AVIF"])
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns of the corrupt EXIF it skips
 def test_corrupt_images_are_image_errors(fmt):

@@ -5,6 +5,7 @@ never cuts an image, padding, bad rows, and `python -m mlx_smolvlm.lora` end to 
 Ctrl-C)."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -156,6 +157,12 @@ def test_bad_row_is_one_line_naming_file_and_line(case, tiny_idefics3, images, t
     msg = str(e.value)
     print(msg)
     assert msg.startswith(f"{tmp_path / 'train.jsonl'}:2: ") and expected in msg and "\n" not in msg
+
+
+def test_row_that_is_not_utf8_is_one_line(tiny_idefics3, tmp_path):
+    (tmp_path / "train.jsonl").write_bytes(b"\n\xff{}\n")
+    with pytest.raises(DatasetError, match=f"^{re.escape(str(tmp_path / 'train.jsonl'))}:2: not valid JSON"):
+        load_split(tmp_path, "train", load_processor(tiny_idefics3), 300)
 
 
 def test_bad_row_through_the_cli_has_no_traceback(tiny_idefics3, images, tmp_path):

@@ -140,14 +140,14 @@ def read_rows(path: Path):
         rows = _pyarrow(path).parquet.read_table(path).to_pylist()
         yield from ((f"{path}:row {i + 1}", row, path.parent) for i, row in enumerate(rows))
         return
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named like any bad line
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                raise DatasetError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)})") from None
             yield f"{path}:{n}", row, path.parent
 
 
