@@ -131,7 +131,7 @@ class BatchEngine:
         `kv_bits`, `kv_group_size`, `quantized_kv_start`: generate_step's, for a prompt's
         prefill; the batch quantizes all its rows once its buffer holds `quantized_kv_start`
         positions (its longest row), so a shorter row is quantized sooner than it would be alone."""
-        check_kv_options(kv_bits, kv_group_size, None)
+        check_kv_options(model, kv_bits, kv_group_size, None)
         if draft is not None:
             draft.check(processor.tokenizer)
         self.model, self.processor, self.draft = model, processor, draft

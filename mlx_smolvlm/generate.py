@@ -74,7 +74,7 @@ def generate_step(
     `drafter` (speculative.py, after its `begin`) decodes speculatively: greedy tokens are the
     same, several per forward; `stats` (speculative.SpeculativeStats) counts the drafts.
     """
-    check_kv_options(kv_bits, kv_group_size, max_kv_size)
+    check_kv_options(model, kv_bits, kv_group_size, max_kv_size)
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size)
     sampler = sampler or make_sampler()
     logits_processors = logits_processors or []
@@ -146,11 +146,15 @@ def prefill_chunks(model, ids: mx.array, input_embeddings, cache: list, step_siz
     return chunk(done, new)
 
 
-def check_kv_options(kv_bits, kv_group_size, max_kv_size):
+def check_kv_options(model, kv_bits, kv_group_size, max_kv_size):
     if kv_bits is not None and kv_bits not in (4, 8):
         raise InvalidRequestError(f"kv_bits must be 4 or 8, got {kv_bits}")
     if kv_group_size not in (32, 64, 128):
         raise InvalidRequestError(f"kv_group_size must be 32, 64 or 128, got {kv_group_size}")
+    head_dim = text_config(model).head_dim  # mx.quantize groups each key's last axis
+    if kv_bits is not None and head_dim % kv_group_size:
+        raise InvalidRequestError(f"kv_group_size {kv_group_size} does not divide the model's head_dim of "
+                                  f"{head_dim}: pick a smaller group")
     if kv_bits is not None and max_kv_size is not None:
         raise InvalidRequestError("a rotating cache (max_kv_size) cannot be quantized (kv_bits), as in mlx-lm")
 
@@ -238,7 +242,7 @@ def stream_generate(
     if clip_to_context and max_tokens >= 1:
         max_tokens = clip_max_tokens(model, len(ids), max_tokens)
     check_length(model, len(ids), max_tokens)
-    check_kv_options(kv_bits, kv_group_size, max_kv_size)
+    check_kv_options(model, kv_bits, kv_group_size, max_kv_size)
     cache = prompt_cache if prompt_cache is not None else ChatCache(model, max_kv_size)
     if "pixel_values" in inputs:  # tokens per tile follow the pixel size (small video frames)
         cache.image_seq_len = model.tokens_per_image(*inputs["pixel_values"].shape[-2:])

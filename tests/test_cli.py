@@ -141,6 +141,14 @@ def test_kv_cache_options(smollm2):
     assert r.returncode == 1 and "cannot be quantized" in r.stderr
 
 
+def test_kv_group_size_beyond_the_head_dim_is_one_line():
+    # SmolLM2's head_dim is 64: groups of 128 cannot quantize a key, refused before any work.
+    r = cli("--model", gguf_path(), "--prompt", "Hi", "--kv-bits", "8", "--kv-group-size", 128,
+            "--quantized-kv-start", 0)
+    assert r.returncode == 1 and "does not divide the model's head_dim of 64" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_text_only_chat_template(tiny, images, smollm2, tmp_path):
     # A fine-tune saved with SmolLM2's text-only template (`message['content'] + ...`).
     import shutil
